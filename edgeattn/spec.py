@@ -1,0 +1,123 @@
+"""AttentionSpec: the target attention form of a model, validated once.
+
+One field is one CLI flag (``--kv-heads`` ...) and one JSON key of the manifest.
+``None`` means "leave as in the source model". The spec alone decides what the
+rewrites do; the order in which they are applied lives in ``edgeattn.rewrites``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+GQA_METHODS = ("mean", "calibrated")
+KV_CACHE_DTYPES = ("fp32", "fp16", "int8", "int4")
+KV_QUANT_MODES = ("per-channel", "per-token")
+
+
+class SpecError(ValueError):
+    """An impossible or inconsistent AttentionSpec; the message names the fields."""
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The attention form to rewrite a model into.
+
+    kv_heads: merge the key/value heads into this many groups (GQA; 1 is MQA).
+    gqa_method: ``calibrated`` (activation-aware, RoPE-consistent fit) or ``mean``.
+    uptrain_steps: optional distillation steps after a calibrated merge.
+    window / sinks: each query sees the first ``sinks`` tokens and the last
+        ``window`` tokens (itself included); the cache is a ring of ``sinks + window``
+        slots. With ``block_size`` set, ``window`` is instead the always-attended local
+        window of hierarchical attention (default: ``block_size``) and the cache is full.
+    block_size / top_blocks / block_mass: hierarchical block-sparse attention.
+    kv_cache / kv_quant: storage of the KV cache (int8/int4 with scales per channel,
+        static and calibrated, or per token, dynamic).
+    """
+
+    kv_heads: int | None = None
+    gqa_method: str = "calibrated"
+    uptrain_steps: int = 0
+    window: int | None = None
+    sinks: int = 0
+    block_size: int | None = None
+    top_blocks: int | None = None
+    block_mass: float | None = None
+    kv_cache: str = "fp32"
+    kv_quant: str = "per-channel"
+
+    def __post_init__(self) -> None:
+        _positive("kv_heads", self.kv_heads)
+        _positive("window", self.window)
+        _positive("block_size", self.block_size)
+        _positive("top_blocks", self.top_blocks)
+        _choice("gqa_method", self.gqa_method, GQA_METHODS)
+        _choice("kv_cache", self.kv_cache, KV_CACHE_DTYPES)
+        _choice("kv_quant", self.kv_quant, KV_QUANT_MODES)
+        if self.sinks < 0:
+            raise SpecError(f"sinks must be >= 0, got {self.sinks}")
+        if self.uptrain_steps < 0:
+            raise SpecError(f"uptrain_steps must be >= 0, got {self.uptrain_steps}")
+        if self.uptrain_steps and self.gqa_method != "calibrated":
+            raise SpecError("uptrain_steps needs gqa_method='calibrated'")
+        if self.uptrain_steps and self.kv_heads is None:
+            raise SpecError("uptrain_steps needs kv_heads (it distils a merged-head model)")
+        if self.sinks and self.window is None and self.block_size is None:
+            raise SpecError("sinks needs window (or block_size): sinks only matter when old tokens are dropped")
+        if (self.top_blocks is not None or self.block_mass is not None) and self.block_size is None:
+            raise SpecError("top_blocks/block_mass need block_size")
+        if self.block_size is not None and self.top_blocks is None:
+            raise SpecError("block_size needs top_blocks (the most blocks each query may select)")
+        if self.block_mass is not None and not 0.0 < self.block_mass <= 1.0:
+            raise SpecError(f"block_mass must be in (0, 1], got {self.block_mass}")
+        if self.block_size is not None and self.window is not None and self.window < self.block_size:
+            raise SpecError(
+                f"window ({self.window}) must be >= block_size ({self.block_size}) with hierarchical "
+                "attention: the local window must cover the current, still incomplete block"
+            )
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.block_size is not None
+
+    @property
+    def ring_buffer(self) -> bool:
+        """True when the KV cache is a constant-size ring of ``sinks + window`` slots."""
+        return self.window is not None and not self.hierarchical
+
+    @property
+    def local_window(self) -> int | None:
+        """Always-attended recent tokens of hierarchical attention."""
+        if not self.hierarchical:
+            return None
+        return self.window if self.window is not None else self.block_size
+
+    @property
+    def kv_bits(self) -> int:
+        return {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}[self.kv_cache]
+
+    @property
+    def is_identity(self) -> bool:
+        return self == AttentionSpec()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AttentionSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"unknown attention spec keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise SpecError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SpecError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
