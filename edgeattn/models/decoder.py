@@ -123,6 +123,10 @@ class Decoder(nn.Module):
     def attentions(self) -> list[EdgeAttention]:
         return [block.attn for block in self.blocks]
 
+    def kv_bytes_per_token(self) -> int:
+        """Exact KV-cache bytes one more cached token costs, summed over layers."""
+        return sum(attn.codec.bytes_per_token() for attn in self.attentions())
+
     def new_cache(self, batch: int = 1, max_length: int | None = None) -> DecoderCache:
         max_length = max_length or self.config.max_position_embeddings
         return DecoderCache([attn.new_cache(batch, max_length) for attn in self.attentions()])

@@ -1,0 +1,51 @@
+"""Calibration text: the package's own small default, or a file the user gives.
+
+WikiText-2 (``../shared/data``) is used by tests and benchmarks where it exists;
+it is never shipped. ``wikitext_path`` finds it, or returns None so callers can skip.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+DEFAULT_CALIBRATION_TOKENS = 2048
+WIKITEXT_ENV = "EDGEATTN_WIKITEXT_DIR"
+
+
+def default_calibration_text() -> str:
+    return resources.files("edgeattn").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+
+
+def read_text(path: str | Path | None) -> str:
+    """The text of ``path``, or the packaged default calibration text when None."""
+    if path is None:
+        return default_calibration_text()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration text {path} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def calibration_ids(tokenizer, text_path: str | Path | None = None,
+                    max_tokens: int = DEFAULT_CALIBRATION_TOKENS) -> torch.Tensor:
+    """Token ids [1, T] of the calibration text (T <= max_tokens)."""
+    ids = tokenizer.encode(read_text(text_path)).ids[:max_tokens]
+    if len(ids) < 16:
+        raise ValueError(f"calibration text too short: {len(ids)} tokens (need at least 16)")
+    return torch.tensor([ids])
+
+
+def wikitext_path(split: str) -> Path | None:
+    """``valid`` or ``test`` split of WikiText-2 in ../shared/data, or None when absent."""
+    roots = [Path(os.environ[WIKITEXT_ENV])] if WIKITEXT_ENV in os.environ else []
+    here = Path(__file__).resolve().parent.parent
+    roots += [here.parent / "shared/data/wikitext-2", Path.cwd().parent / "shared/data/wikitext-2"]
+    for root in roots:
+        path = root / f"{split}.txt"
+        if path.is_file():
+            return path
+    return None

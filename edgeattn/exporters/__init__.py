@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX export with fused attention ops (see the export issue; not yet implemented)."""
