@@ -43,7 +43,7 @@ class EdgeAttention(nn.Module):
 
     def new_cache(self, batch: int, max_length: int) -> LayerKVCache:
         capacity = self.visibility.capacity(max_length)
-        return LayerKVCache.empty(batch, self.num_kv_heads, capacity, self.head_dim)
+        return LayerKVCache.empty(batch, self.num_kv_heads, capacity, self.head_dim, self.k_proj.weight.dtype)
 
     def forward(self, x: torch.Tensor, start: int, cache: LayerKVCache | None = None) -> torch.Tensor:
         """x [B, L, hidden] at absolute positions start..start+L-1 -> [B, L, hidden]."""

@@ -71,7 +71,7 @@ class KVCodec(nn.Module):
         if self.dtype == "fp32":
             return x
         if self.dtype == "fp16":
-            return x.half().float()
+            return x.half().to(x.dtype)
         if self.mode == "per-channel":
             scale = (self.k_scale if kind == "key" else self.v_scale)[None, :, None, :]
             qmax = _symmetric_max(self.bits)
@@ -87,9 +87,9 @@ def _asymmetric_groups(x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
     """Quantize each run of ``group`` channels of each token with its own fp16 scale/min."""
     shape = x.shape
     g = x.reshape(*shape[:-1], shape[-1] // group, group)
-    low = g.amin(dim=-1, keepdim=True).half().float()
+    low = g.amin(dim=-1, keepdim=True).half().to(x.dtype)
     high = g.amax(dim=-1, keepdim=True)
     levels = 2**bits - 1
-    scale = ((high - low) / levels).clamp_min(_FP16_TINY).half().float()
+    scale = ((high - low) / levels).clamp_min(_FP16_TINY).half().to(x.dtype)
     codes = torch.clamp(torch.round((g - low) / scale), 0, levels)
     return (codes * scale + low).reshape(shape)
