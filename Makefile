@@ -18,8 +18,15 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# WikiText-2 sits beside the repository on development machines and in CI, never on a user's:
+# the demo scores it when present and falls back to the packaged calibration text.
+WIKITEXT := $(wildcard ../shared/data/wikitext-2/test.txt)
+DEMO_TEXT := $(if $(WIKITEXT),--text ../shared/data/wikitext-2/test.txt --calibration-text ../shared/data/wikitext-2/valid.txt,)
+DEMO_SPEC := --kv-heads 1 --window 512 --sinks 4 --kv-cache int8
+
 demo: $(STAMP)
-	$(PY) -m edgeattn.demo
+	$(VENV)/bin/edgeattn models
+	$(VENV)/bin/edgeattn quality smollm2 $(DEMO_SPEC) $(DEMO_TEXT) --context 1024 --max-windows 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q
