@@ -10,7 +10,9 @@ dequantizing on read; the exported graph stores the codes themselves.
 * per-token (dynamic, asymmetric, KIVI-style): every new token is quantized on arrival.
   Keys get a scale and minimum per group of ``KEY_GROUP`` channels (keys have outlier
   channels, so a per-token scale alone would waste their range); values get one scale
-  and minimum per token and head. Scales and minimums are stored in fp16.
+  and minimum per token and head. Scales and minimums are stored in fp16; the scale is
+  measured from the fp16-rounded minimum (what decoding adds back). A head_dim that is
+  not a multiple of ``KEY_GROUP`` uses one key group over the whole head.
 """
 
 from __future__ import annotations

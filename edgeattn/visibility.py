@@ -141,9 +141,9 @@ class HierarchicalVisibility(nn.Module):
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(num_blocks).expand_as(order))
         budget = torch.full(bound.shape[:-1], k, dtype=torch.long)
         if self.block_mass is not None:
-            # Estimated attention mass of each block: softmax of its bound (x its size).
-            logits = bound / dim**0.5 + torch.log(torch.tensor(float(self.block_size)))
-            mass = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+            # Estimated attention mass of each block: softmax of its scaled bound (all candidate
+            # blocks are complete, so their sizes are equal and cancel out).
+            mass = torch.softmax(bound / dim**0.5, dim=-1).nan_to_num(0.0)
             cumulative = torch.gather(mass, -1, order).cumsum(-1)
             needed = (cumulative < self.block_mass).sum(-1) + 1
             budget = torch.minimum(budget, needed)

@@ -1,0 +1,44 @@
+"""Atomic output folders: build in a temporary sibling folder, then rename into place.
+
+An interrupted or failed build leaves nothing at the destination; an existing
+destination is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class OutputExistsError(FileExistsError):
+    """The destination exists and ``force`` was not given."""
+
+
+def check_destination(destination: str | Path, force: bool) -> Path:
+    destination = Path(destination)
+    if destination.exists() and not force:
+        raise OutputExistsError(f"{destination} already exists (use --force to replace it)")
+    return destination
+
+
+@contextlib.contextmanager
+def atomic_folder(destination: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it becomes ``destination``, on failure it is removed."""
+    destination = check_destination(destination, force)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
+            destination.rename(retired / destination.name)
+            staging.rename(destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
