@@ -7,6 +7,7 @@ destination is replaced only with ``force``.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +31,9 @@ def atomic_folder(destination: str | Path, force: bool = False) -> Iterator[Path
     destination = check_destination(destination, force)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp creates 0700; the result should look like any new folder
     try:
         yield staging
         if destination.exists():

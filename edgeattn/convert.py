@@ -1,0 +1,171 @@
+"""The one orchestrator: load -> rewrite -> export -> weights -> checks -> numerics -> manifest.
+
+Everything is built in a temporary folder beside the destination and renamed into
+place only when every step (the numerics check included) passed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from edgeattn import __version__
+from edgeattn.calibration import calibration_ids
+from edgeattn.chat_format import flatten_chat_template
+from edgeattn.exporters.checks import check_graph
+from edgeattn.exporters.export import OPSET, PAST_NAME, PRESENT_NAME, export_graph
+from edgeattn.exporters.genai_config import genai_config
+from edgeattn.exporters.lowering import choose_lowerings
+from edgeattn.exporters.weights import DEFAULT_BLOCK_SIZE, quantize_weights
+from edgeattn.manifest import write_manifest
+from edgeattn.models import load
+from edgeattn.output_folder import atomic_folder, check_destination
+from edgeattn.quality_report import summarize
+from edgeattn.rewrites import rewrite
+from edgeattn.spec import AttentionSpec
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+DEFAULT_MAX_LENGTH = 2048
+NUMERICS_PROMPT = "The quick brown fox jumps over the lazy dog. Edge devices run small language models"
+NUMERICS_DECODE_STEPS = 8
+# Max-abs logit error allowed between onnxruntime and the rewritten PyTorch model, by weight precision.
+# fp32: float reassociation only; lower precisions are judged by top-1 agreement instead.
+FP32_LOGIT_TOLERANCE = 1e-3
+MIN_TOP1_AGREEMENT = {"fp16": 0.99, "int8": 0.9, "int4": 0.75}
+
+
+class NumericsError(RuntimeError):
+    """The exported model disagrees with the rewritten PyTorch model beyond the tolerance."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    model: str
+    output: Path
+    spec: AttentionSpec = field(default_factory=AttentionSpec)
+    weights: str = "fp32"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    attention_op: str = "auto"
+    max_length: int = DEFAULT_MAX_LENGTH
+    provider: str = "cpu"
+    force: bool = False
+    calibration_text: Path | None = None
+
+
+def convert(options: ConvertOptions, progress: Callable[[str], None] = lambda step: None) -> dict:
+    """Convert ``options.model`` into the folder ``options.output``; returns the manifest."""
+    if options.max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {options.max_length}")
+    check_destination(options.output, options.force)
+    progress(f"loading {options.model}")
+    model = load(options.model)
+    decoder = model.decoder
+    if options.max_length > decoder.config.max_position_embeddings and decoder.config.positions == "learned":
+        raise ValueError(f"max_length {options.max_length} exceeds the model's "
+                         f"{decoder.config.max_position_embeddings} learned positions")
+    progress("rewriting attention" + (" (calibrating)" if not options.spec.is_identity else ""))
+    report = rewrite(decoder, options.spec, calibration_ids(model.tokenizer, options.calibration_text))
+    lowerings = choose_lowerings(decoder, options.spec, options.attention_op, options.provider, options.max_length)
+    with atomic_folder(options.output, options.force) as staging:
+        progress("exporting to ONNX")
+        path = staging / MODEL_FILE
+        export_graph(decoder, lowerings, path)
+        if options.weights != "fp32":
+            progress(f"quantizing weights to {options.weights}")
+            quantize_weights(path, options.weights, options.block_size)
+        progress("checking the graph")
+        histogram = check_graph(path, lowerings[0].op_type, len(lowerings))
+        model.tokenizer.save(str(staging / TOKENIZER_FILE))
+        files = {"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}
+        if model.chat_template:
+            (staging / CHAT_TEMPLATE_FILE).write_text(model.chat_template, encoding="utf-8")
+            files["chat_template"] = CHAT_TEMPLATE_FILE
+        manifest = _manifest(model, decoder, options, lowerings, histogram, files, summarize(report))
+        write_manifest(staging, manifest)
+        progress("checking numerics against PyTorch")
+        manifest["numerics"] = _numerics(staging, decoder, model, options)
+        write_manifest(staging, manifest)
+        if lowerings[0].name == "ort":
+            (staging / "genai_config.json").write_text(json.dumps(genai_config(manifest), indent=2) + "\n")
+    return manifest
+
+
+def _manifest(model, decoder, options: ConvertOptions, lowerings, histogram, files, rewrites) -> dict:
+    config = decoder.config
+    layout = lowerings[0].cache_layout()
+    bytes_per_token = decoder.kv_bytes_per_token()
+    return {
+        "edgeattn_version": __version__,
+        "source": {"model": model.name, "family": config.family, "weights_sha256": model.weights_sha256},
+        "spec": options.spec.to_dict(),
+        "rewrites": rewrites,
+        "model": {"num_layers": config.num_layers, "num_heads": config.num_heads,
+                  "num_kv_heads": decoder.attentions()[0].num_kv_heads, "head_dim": config.head_dim,
+                  "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
+                  "bos_token_id": config.bos_token_id, "eos_token_ids": list(config.eos_token_ids),
+                  "max_length": options.max_length},
+        "weights": {"dtype": options.weights, "block_size": options.block_size if options.weights in ("int4", "int8") else None},
+        "lowering": {"requested": options.attention_op, "provider": options.provider,
+                     "per_layer": [lowering.name for lowering in lowerings], "op": lowerings[0].op_type},
+        "files": files,
+        "io": {
+            "inputs": {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "total"]},
+            "outputs": {"logits": ["batch", 1, config.vocab_size]},
+            "cache_names": {"past": PAST_NAME, "present": PRESENT_NAME},
+            "shared_past_present_buffer": True,
+        },
+        "kv_cache": {**layout, "bytes_per_token": bytes_per_token,
+                     "bytes_at_capacity": bytes_per_token * layout["capacity"],
+                     "codec": options.spec.kv_cache, "quant": options.spec.kv_quant},
+        "chat_format": flatten_chat_template(model.chat_template, *_special_tokens(model)),
+        "op_histogram": histogram,
+        "opset": OPSET,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+
+
+def _numerics(folder: Path, decoder, model, options: ConvertOptions) -> dict:
+    """Prefill + a few greedy decode steps in onnxruntime vs the rewritten PyTorch model."""
+    from edgeattn.runtimes import EdgeLM
+
+    lm = EdgeLM.load(folder, provider=options.provider)
+    ids = model.encode(NUMERICS_PROMPT)[: max(2, options.max_length - NUMERICS_DECODE_STEPS - 1)]
+    cache = decoder.new_cache(batch=1, max_length=options.max_length)
+    lm.reset(1)
+    errors, agree = [], []
+    chunk = ids
+    with torch.no_grad():
+        for _ in range(NUMERICS_DECODE_STEPS + 1):
+            expected = decoder(torch.tensor([chunk]), cache)[0, -1].numpy()
+            actual = lm.forward(np.array([chunk]))[0]
+            errors.append(float(np.abs(actual - expected).max()))
+            agree.append(int(actual.argmax() == expected.argmax()))
+            chunk = [int(expected.argmax())]
+    result = {"prompt_tokens": len(ids), "decode_steps": NUMERICS_DECODE_STEPS,
+              "max_abs_logit_error": max(errors), "top1_agreement": sum(agree) / len(agree)}
+    if options.weights == "fp32":
+        result["tolerance"] = FP32_LOGIT_TOLERANCE
+        passed = result["max_abs_logit_error"] <= FP32_LOGIT_TOLERANCE
+    else:
+        result["min_top1_agreement"] = MIN_TOP1_AGREEMENT[options.weights]
+        passed = result["top1_agreement"] >= MIN_TOP1_AGREEMENT[options.weights]
+    result["passed"] = passed
+    if not passed:
+        raise NumericsError(f"exported model disagrees with PyTorch: {json.dumps(result)}")
+    return result
+
+
+def _special_tokens(model) -> tuple[str, str]:
+    config = model.decoder.config
+    bos = model.tokenizer.id_to_token(config.bos_token_id) if config.bos_token_id is not None else ""
+    eos = model.tokenizer.id_to_token(config.eos_token_ids[0]) if config.eos_token_ids else ""
+    return bos or "", eos or ""

@@ -1,0 +1,51 @@
+"""torch.onnx.export (dynamo) of a rewritten Decoder into one prefill+decode graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+
+from edgeattn.exporters.graph import ExportGraph
+
+OPSET = 23
+_TORCH_DTYPES = {"float32": torch.float32, "int8": torch.int8, "uint8": torch.uint8}
+
+
+PAST_NAME = "past_key_values.{layer}.{kind}"
+PRESENT_NAME = "present.{layer}.{kind}"
+
+
+def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
+    layers_kinds = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
+    return ([PAST_NAME.format(layer=i, kind=kind) for i, kind in layers_kinds],
+            [PRESENT_NAME.format(layer=i, kind=kind) for i, kind in layers_kinds])
+
+
+def export_graph(decoder, lowerings: list, path: Path) -> onnx.ModelProto:
+    """Export ``decoder`` with one lowering per layer to ``path`` (+ ``path.data``); returns the proto."""
+    graph = ExportGraph(decoder, lowerings).eval()
+    graph.lowering_modules = torch.nn.ModuleList(lowerings)  # their buffers become initializers
+    batch = torch.export.Dim("batch", min=1, max=64)
+    length = torch.export.Dim("sequence", min=1, max=1 << 20)
+    total = torch.export.Dim("total", min=1, max=1 << 30)
+    # Sample sizes >= 2 so the exporter does not specialize batch or sequence to 1.
+    sample_ids = torch.zeros((2, 3), dtype=torch.long)
+    sample_past = []
+    for lowering in lowerings:
+        layout = lowering.cache_layout()
+        tensor = torch.zeros((2, *layout["shape_tail"]), dtype=_TORCH_DTYPES[layout["dtype"]])
+        sample_past += [tensor, tensor.clone()]
+    past_names, present_names = cache_names(len(lowerings))
+    dynamic_shapes = ({0: batch, 1: length}, {0: batch, 1: total}, tuple({0: batch} for _ in sample_past))
+    with torch.no_grad():
+        program = torch.onnx.export(
+            graph, (sample_ids, torch.ones((2, 8), dtype=torch.long), *sample_past),
+            input_names=["input_ids", "attention_mask", *past_names],
+            output_names=["logits", *present_names],
+            dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True, optimize=True,
+            verbose=False,
+        )
+    program.save(str(path), external_data=True)
+    return onnx.load(str(path), load_external_data=False)

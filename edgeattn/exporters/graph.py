@@ -1,0 +1,49 @@
+"""The exportable view of a Decoder: explicit KV-cache tensors in and out, one fused attention node per layer.
+
+I/O contract (recorded in the manifest; the runtime relies on it):
+
+    inputs   input_ids                  int64 [batch, sequence]   new tokens (prefill: the prompt, decode: one)
+             attention_mask             int64 [batch, total]      ones over every token so far, new ones included
+             past_key_values.{i}.key    cache dtype [batch, kv_heads, capacity, cache_dim]
+             past_key_values.{i}.value
+    outputs  logits                     float32 [batch, 1, vocab] logits of the last new token only
+             present.{i}.key, present.{i}.value                   same shape as past: the buffers with the new
+                                                                  tokens written in (bind them to the past buffers)
+
+The names and the attention mask follow onnxruntime-genai's decoder contract, so the
+same folder runs there too.
+
+Only the attention goes through the lowering (``attend``); embeddings, norms and MLPs
+are exported as ordinary PyTorch code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeattn.models.decoder import Decoder
+
+
+class ExportGraph(nn.Module):
+    def __init__(self, decoder: Decoder, lowerings: list) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.lowerings = lowerings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        decoder = self.decoder
+        x = decoder.embed(input_ids)  # [B, L, hidden]
+        if decoder.pos_embed is not None:
+            past_length = attention_mask.shape[1] - input_ids.shape[1]
+            positions = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
+            x = x + decoder.pos_embed(positions)[None]
+        presents = []
+        for index, block in enumerate(decoder.blocks):
+            attended, present_key, present_value = self.lowerings[index].attend(
+                block.attn, block.attn_norm(x), attention_mask, past[2 * index], past[2 * index + 1])
+            presents += [present_key, present_value]
+            x = x + attended
+            x = x + block.mlp(block.mlp_norm(x))
+        last = decoder.final_norm(x[:, -1:])  # [B, 1, hidden]: logits of the last new token only
+        return (decoder.lm_head(last), *presents)

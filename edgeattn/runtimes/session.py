@@ -1,0 +1,150 @@
+"""EdgeLM: run an edgeattn output folder with onnxruntime. Needs only onnxruntime, numpy, tokenizers.
+
+The folder describes itself (``edgeattn.json``); nothing is inferred from file names.
+KV-cache buffers are preallocated once per batch size and bound with IO binding as
+both the past input and the present output of each layer, so a decode step copies no
+cache: the fused attention op writes the new tokens in place.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from edgeattn.manifest import read_manifest
+from edgeattn.runtimes.chat import apply_chat_format
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class ContextFullError(RuntimeError):
+    """The KV cache (or the position table) has no room for the requested tokens."""
+
+
+class RuntimeLoadError(RuntimeError):
+    """The folder's model cannot be loaded by onnxruntime."""
+
+
+@dataclass
+class _LayerCache:
+    key: ort.OrtValue
+    value: ort.OrtValue
+
+
+class EdgeLM:
+    """A loaded output folder: tokenizer, onnxruntime session and KV-cache buffers."""
+
+    def __init__(self, folder: Path, manifest: dict, session: ort.InferenceSession, provider: str,
+                 tokenizer: Tokenizer) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.session = session
+        self.provider = provider
+        self.tokenizer = tokenizer
+        self.kv = manifest["kv_cache"]
+        self.length = 0  # tokens in the cache
+        self._batch = 0
+        self._caches: list[_LayerCache] = []
+
+    @classmethod
+    def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> "EdgeLM":
+        """Load ``folder`` on ``provider`` ("cpu" or "cuda", falling back to CPU with a message)."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        provider = _usable_provider(provider)
+        options = ort.SessionOptions()
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+        try:
+            session = ort.InferenceSession(str(folder / manifest["files"]["model"]), options, providers=providers)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise RuntimeLoadError(f"{folder}: onnxruntime cannot load the model ({str(error).splitlines()[0]})") from error
+        tokenizer = Tokenizer.from_file(str(folder / manifest["files"]["tokenizer"]))
+        return cls(folder, manifest, session, provider, tokenizer)
+
+    # -- low level: feed tokens, get next-token logits ---------------------------------------
+
+    def reset(self, batch: int = 1) -> None:
+        """Empty the KV cache (and size it for ``batch`` sequences)."""
+        if batch != self._batch:
+            device = "cuda" if self.provider == "cuda" else "cpu"
+            shape = (batch, *self.kv["shape_tail"])
+            dtype = np.dtype(self.kv["dtype"])
+            self._caches = [
+                _LayerCache(ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0),
+                            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0))
+                for _ in range(self.manifest["model"]["num_layers"])
+            ]
+            self._batch = batch
+        self.length = 0
+
+    def forward(self, input_ids: np.ndarray) -> np.ndarray:
+        """Append ``input_ids`` [batch, n] to the cache; return next-token logits [batch, vocab]."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, n>0], got shape {input_ids.shape}")
+        if input_ids.shape[0] != self._batch:
+            self.reset(input_ids.shape[0])
+        self._check_room(input_ids.shape[1])
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        total = self.length + input_ids.shape[1]
+        binding.bind_cpu_input("attention_mask", np.ones((input_ids.shape[0], total), dtype=np.int64))
+        binding.bind_output("logits")  # first bound output -> first copied output
+        names = self.manifest["io"]["cache_names"]
+        for index, cache in enumerate(self._caches):
+            for kind, value in (("key", cache.key), ("value", cache.value)):
+                binding.bind_ortvalue_input(names["past"].format(layer=index, kind=kind), value)
+                binding.bind_ortvalue_output(names["present"].format(layer=index, kind=kind), value)
+        self.session.run_with_iobinding(binding)
+        self.length = total
+        return binding.copy_outputs_to_cpu()[0][:, -1]
+
+    def _check_room(self, new_tokens: int) -> None:
+        end = self.length + new_tokens
+        if not self.kv["ring"] and end > self.kv["capacity"]:
+            raise ContextFullError(
+                f"KV cache full: {self.length} tokens cached + {new_tokens} new > capacity {self.kv['capacity']} "
+                "(convert with a larger --max-length, or a --window for constant memory)")
+        limit = self.kv.get("max_positions")
+        if limit is not None and end > limit:
+            raise ContextFullError(f"position {end - 1} is beyond the model's position table ({limit} positions)")
+
+    # -- text ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """Format chat ``messages`` with the model's chat format and open the assistant turn."""
+        chat = self.manifest.get("chat_format")
+        if not chat:
+            raise ValueError("this model has no chat template; use a plain prompt")
+        return apply_chat_format(chat, messages)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return list(self.manifest["model"].get("eos_token_ids", []))
+
+
+def _usable_provider(provider: str) -> str:
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        print(f"edgeattn: {PROVIDERS[provider]} is not available in this onnxruntime build "
+              f"({', '.join(ort.get_available_providers())}); falling back to CPU", file=sys.stderr)
+        return "cpu"
+    return provider
