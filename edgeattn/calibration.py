@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from edgeattn.errors import InvalidOptionError
+
 DEFAULT_CALIBRATION_TOKENS = 2048
 WIKITEXT_ENV = "EDGEATTN_WIKITEXT_DIR"
 
@@ -35,7 +37,7 @@ def calibration_ids(tokenizer, text_path: str | Path | None = None,
     """Token ids [1, T] of the calibration text (T <= max_tokens)."""
     ids = tokenizer.encode(read_text(text_path)).ids[:max_tokens]
     if len(ids) < 16:
-        raise ValueError(f"calibration text too short: {len(ids)} tokens (need at least 16)")
+        raise InvalidOptionError(f"calibration text too short: {len(ids)} tokens (need at least 16)")
     return torch.tensor([ids])
 
 

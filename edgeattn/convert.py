@@ -19,6 +19,7 @@ import torch
 from edgeattn import __version__
 from edgeattn.calibration import calibration_ids
 from edgeattn.chat_format import flatten_chat_template
+from edgeattn.errors import InvalidOptionError
 from edgeattn.exporters.checks import check_graph
 from edgeattn.exporters.export import OPSET, PAST_NAME, PRESENT_NAME, export_graph
 from edgeattn.exporters.genai_config import genai_config
@@ -64,13 +65,13 @@ class ConvertOptions:
 def convert(options: ConvertOptions, progress: Callable[[str], None] = lambda step: None) -> dict:
     """Convert ``options.model`` into the folder ``options.output``; returns the manifest."""
     if options.max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {options.max_length}")
+        raise InvalidOptionError(f"max_length must be >= 2, got {options.max_length}")
     check_destination(options.output, options.force)
     progress(f"loading {options.model}")
     model = load(options.model)
     decoder = model.decoder
     if options.max_length > decoder.config.max_position_embeddings and decoder.config.positions == "learned":
-        raise ValueError(f"max_length {options.max_length} exceeds the model's "
+        raise InvalidOptionError(f"max_length {options.max_length} exceeds the model's "
                          f"{decoder.config.max_position_embeddings} learned positions")
     progress("rewriting attention" + (" (calibrating)" if not options.spec.is_identity else ""))
     report = rewrite(decoder, options.spec, calibration_ids(model.tokenizer, options.calibration_text))

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from edgeattn.errors import EdgeattnError
 
-class KVCacheFullError(RuntimeError):
+
+class KVCacheFullError(EdgeattnError, RuntimeError):
     """A full (non-ring) KV cache has no slot left for the next token."""
 
 

@@ -10,12 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgeattn.errors import EdgeattnError
+
 MANIFEST_NAME = "edgeattn.json"
 FORMAT = "edgeattn"
 FORMAT_VERSION = 1
 
 
-class ManifestError(ValueError):
+class ManifestError(EdgeattnError, ValueError):
     """A folder's manifest is missing, unreadable, or from a newer edgeattn."""
 
 

@@ -13,8 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from edgeattn.errors import EdgeattnError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(EdgeattnError, FileExistsError):
     """The destination exists and ``force`` was not given."""
 
 

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from edgeattn.errors import InvalidOptionError
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -36,7 +38,7 @@ def perplexity(model, ids: torch.Tensor, context: int, max_windows: int | None =
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {context}")
+        raise InvalidOptionError(f"text has {ids.numel()} tokens, fewer than one window of {context}")
     nll, count = 0.0, 0
     with torch.no_grad():
         for index in range(windows):

@@ -11,12 +11,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from edgeattn.errors import EdgeattnError
+
 GQA_METHODS = ("mean", "calibrated")
 KV_CACHE_DTYPES = ("fp32", "fp16", "int8", "int4")
 KV_QUANT_MODES = ("per-channel", "per-token")
 
 
-class SpecError(ValueError):
+class SpecError(EdgeattnError, ValueError):
     """An impossible or inconsistent AttentionSpec; the message names the fields."""
 
 

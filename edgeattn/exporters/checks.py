@@ -7,8 +7,10 @@ from pathlib import Path
 
 import onnx
 
+from edgeattn.errors import EdgeattnError
 
-class GraphCheckError(RuntimeError):
+
+class GraphCheckError(EdgeattnError, RuntimeError):
     """The exported graph is not what the lowering promised."""
 
 

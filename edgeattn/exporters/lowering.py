@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from edgeattn.errors import EdgeattnError
 from edgeattn.exporters import ort_gqa
 from edgeattn.spec import AttentionSpec
 
@@ -12,7 +13,7 @@ _PREFERENCE = (
 )
 
 
-class LoweringError(ValueError):
+class LoweringError(EdgeattnError, ValueError):
     """The requested lowering cannot represent the attention spec exactly."""
 
 

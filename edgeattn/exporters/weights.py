@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeattn.errors import InvalidOptionError
+
 WEIGHT_DTYPES = ("fp32", "fp16", "int8", "int4")
 DEFAULT_BLOCK_SIZE = 32
 _MIN_FP16_ELEMENTS = 1024  # small tensors (norm weights, scales) stay fp32
@@ -24,7 +26,7 @@ _MIN_FP16_ELEMENTS = 1024  # small tensors (norm weights, scales) stay fp32
 def quantize_weights(path: Path, weights: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     """Rewrite the model at ``path`` (external data beside it) to ``weights`` precision, in place."""
     if weights not in WEIGHT_DTYPES:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}; got {weights!r}")
+        raise InvalidOptionError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}; got {weights!r}")
     if weights == "fp32":
         return
     model = onnx.load(str(path))

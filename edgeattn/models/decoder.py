@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeattn.attention import EdgeAttention
+from edgeattn.errors import InvalidOptionError
 from edgeattn.kvcache import DecoderCache
 from edgeattn.rotary import RotaryEmbedding, default_inv_freq
 
@@ -144,7 +145,7 @@ class Decoder(nn.Module):
         if self.pos_embed is not None:
             end = start + input_ids.shape[1]
             if end > self.config.max_position_embeddings:
-                raise ValueError(
+                raise InvalidOptionError(
                     f"position {end - 1} is beyond the learned position table "
                     f"({self.config.max_position_embeddings} positions)"
                 )

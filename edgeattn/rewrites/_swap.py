@@ -8,9 +8,10 @@ from typing import Callable
 from torch import nn
 
 from edgeattn.attention import EdgeAttention
+from edgeattn.errors import EdgeattnError
 
 
-class RewriteError(ValueError):
+class RewriteError(EdgeattnError, ValueError):
     """A rewrite could not be applied (nothing to rewrite, or the model does not allow it)."""
 
 

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
+from edgeattn.errors import InvalidOptionError
 from edgeattn.runtimes.session import EdgeLM
 
 
@@ -22,11 +23,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidOptionError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidOptionError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidOptionError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -74,9 +75,9 @@ def stream(lm: EdgeLM, prompt_ids: list[int], max_new_tokens: int, config: Sampl
            stop_token_ids: list[int] | None = None, result: Generation | None = None) -> Iterator[int]:
     """Yield new token ids one by one (from an empty cache); fills ``result`` with timings."""
     if not prompt_ids:
-        raise ValueError("the prompt is empty")
+        raise InvalidOptionError("the prompt is empty")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise InvalidOptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     stops = set(lm.stop_token_ids if stop_token_ids is None else stop_token_ids)
     rng = np.random.default_rng(config.seed)
     result = result if result is not None else Generation(list(prompt_ids))

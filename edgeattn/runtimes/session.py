@@ -16,17 +16,18 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from edgeattn.errors import EdgeattnError, InvalidOptionError
 from edgeattn.manifest import read_manifest
 from edgeattn.runtimes.chat import apply_chat_format
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-class ContextFullError(RuntimeError):
+class ContextFullError(EdgeattnError, RuntimeError):
     """The KV cache (or the position table) has no room for the requested tokens."""
 
 
-class RuntimeLoadError(RuntimeError):
+class RuntimeLoadError(EdgeattnError, RuntimeError):
     """The folder's model cannot be loaded by onnxruntime."""
 
 
@@ -60,7 +61,7 @@ class EdgeLM:
         options = ort.SessionOptions()
         if threads is not None:
             if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
+                raise InvalidOptionError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
@@ -92,7 +93,7 @@ class EdgeLM:
         """Append ``input_ids`` [batch, n] to the cache; return next-token logits [batch, vocab]."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, n>0], got shape {input_ids.shape}")
+            raise InvalidOptionError(f"input_ids must be [batch, n>0], got shape {input_ids.shape}")
         if input_ids.shape[0] != self._batch:
             self.reset(input_ids.shape[0])
         self._check_room(input_ids.shape[1])
@@ -132,7 +133,7 @@ class EdgeLM:
         """Format chat ``messages`` with the model's chat format and open the assistant turn."""
         chat = self.manifest.get("chat_format")
         if not chat:
-            raise ValueError("this model has no chat template; use a plain prompt")
+            raise InvalidOptionError("this model has no chat template; use a plain prompt")
         return apply_chat_format(chat, messages)
 
     @property
@@ -142,7 +143,7 @@ class EdgeLM:
 
 def _usable_provider(provider: str) -> str:
     if provider not in PROVIDERS:
-        raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")
+        raise InvalidOptionError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")
     if PROVIDERS[provider] not in ort.get_available_providers():
         print(f"edgeattn: {PROVIDERS[provider]} is not available in this onnxruntime build "
               f"({', '.join(ort.get_available_providers())}); falling back to CPU", file=sys.stderr)
