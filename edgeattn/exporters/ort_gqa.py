@@ -92,9 +92,11 @@ class GroupQueryAttentionLowering(nn.Module):
         query, key, value = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [B, L, H*D], [B, L, Hkv*D] x2
         seqlens_k = (attention_mask.sum(1) - 1).to(torch.int32)  # [B]: index of each row's last token
         total_sequence_length = torch.tensor(attention_mask.shape[1], dtype=torch.int32)
+        # Every row's chunk is all valid tokens; giving it lets batch > 1 prefill on top of a cache.
+        query_seqlens = torch.full((batch,), length, dtype=torch.int32)
         scales = (self.k_scale, self.v_scale) if self.codec_bits is not None else (None, None)
         inputs = (query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
-                  self.cos_cache, self.sin_cache, None, None, None, *scales)
+                  self.cos_cache, self.sin_cache, None, None, None, *scales, None, None, query_seqlens)
         output, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
             OP, inputs, self.attributes(),
             dtypes=(query.dtype, past_key.dtype, past_value.dtype),

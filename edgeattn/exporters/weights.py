@@ -2,8 +2,9 @@
 
 * int4 / int8: onnxruntime's MatMulNBits quantizer — every MatMul with a constant
   weight (the LM head included) becomes MatMulNBits (symmetric, ``block_size`` per block,
-  accuracy_level 4 = int8 activations on CPU), and the embedding Gather becomes
-  GatherBlockQuantized, as in onnxruntime-genai's int4 builds.
+  accuracy_level 4 = int8 activations on CPU), and at 4 bits the embedding Gather becomes
+  GatherBlockQuantized, as in onnxruntime-genai's int4 builds (the quantizer has no 8-bit
+  Gather, so int8 keeps an fp32 embedding table).
 * fp16: weights are stored in fp16 and cast to fp32 when the session loads them: half the
   disk size, fp32 compute (CPU execution providers have no fast fp16 matmul).
 """
@@ -33,6 +34,7 @@ def quantize_weights(path: Path, weights: str, block_size: int = DEFAULT_BLOCK_S
     if weights == "fp16":
         model = _fp16_storage(model)
     else:
+        _materialize_transposed_weights(model)
         model = _matmul_nbits(model, bits=4 if weights == "int4" else 8, block_size=block_size)
     for stale in path.parent.glob(path.name + ".data"):
         stale.unlink()
@@ -50,6 +52,31 @@ def _matmul_nbits(model: onnx.ModelProto, bits: int, block_size: int) -> onnx.Mo
     quantizer = MatMulNBitsQuantizer(model, algo_config=config)
     quantizer.process()
     return quantizer.model.model
+
+
+def _materialize_transposed_weights(model: onnx.ModelProto) -> None:
+    """MatMul(x, Transpose(W)) -> MatMul(x, W^T) with W^T an initializer, so the quantizer sees it.
+
+    This is the tied LM head (it reads the embedding transposed). Quantizing it gives it its
+    own copy of the (quantized) embedding; sharing one copy between the head and the
+    embedding Gather, as onnxruntime-genai does, is left for later.
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    transposes = {node.output[0]: node for node in graph.node
+                  if node.op_type == "Transpose" and node.input[0] in initializers}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in transposes:
+            transpose = transposes[node.input[1]]
+            weight = numpy_helper.to_array(initializers[transpose.input[0]])
+            perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+            name = transpose.input[0] + "_transposed"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), name))
+            node.input[1] = name
+    used = {name for node in graph.node for name in node.input}
+    for transpose in transposes.values():
+        if transpose.output[0] not in used:
+            graph.node.remove(transpose)
 
 
 def _fp16_storage(model: onnx.ModelProto) -> onnx.ModelProto:

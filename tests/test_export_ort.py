@@ -1,0 +1,182 @@
+"""Export with the ort lowering, run in onnxruntime, compare with the rewritten PyTorch model."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from edgeattn.calibration import calibration_ids
+from edgeattn.convert import ConvertOptions, convert
+from edgeattn.exporters.checks import op_histogram
+from edgeattn.exporters.lowering import LoweringError
+from edgeattn.models import load
+from edgeattn.rewrites import rewrite
+from edgeattn.runtimes import EdgeLM
+from edgeattn.spec import AttentionSpec
+
+ONNX_VS_TORCH = 1e-4  # fp32 max-abs logit difference, prefill + every decode step (issue contract)
+DECODE_STEPS = 32
+MAX_LENGTH = 96
+
+ORT_SPECS = {
+    "identity": AttentionSpec(),
+    "mqa": AttentionSpec(kv_heads=1),
+    "window": AttentionSpec(window=12),
+    "kv-int8": AttentionSpec(kv_cache="int8"),
+    "kv-int4": AttentionSpec(kv_cache="int4"),
+    "mqa-window": AttentionSpec(kv_heads=1, window=12),
+    "mqa-kv-int8": AttentionSpec(kv_heads=1, kv_cache="int8"),
+}
+# Every form on llama; the identity and a combination on the other RoPE families.
+CASES = [("llama", name) for name in sorted(ORT_SPECS)] + [
+    (family, name) for family in ("mistral", "phi3", "qwen2") for name in ("identity", "mqa-kv-int8")]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Convert each (family, spec) once per module."""
+    cache = {}
+
+    def get(family: str, name: str, **options):
+        key = (family, name, tuple(sorted(options.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{family}-{name}") / "out"
+            spec = ORT_SPECS[name]
+            if spec.kv_heads is not None and family == "phi3":
+                spec = AttentionSpec(**{**spec.to_dict(), "kv_heads": 2})
+            manifest = convert(ConvertOptions(f"tiny-{family}", folder, spec, max_length=MAX_LENGTH, **options))
+            cache[key] = (folder, manifest, spec)
+        return cache[key]
+
+    return get
+
+
+def _rewritten_decoder(family: str, spec: AttentionSpec):
+    model = load(f"tiny-{family}")
+    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None))
+    return model.decoder
+
+
+def _compare(folder, decoder, prompt: list[int], steps: int) -> tuple[float, list[int], list[int]]:
+    """Greedy: prefill + ``steps`` decode steps in both; returns max error and both token streams."""
+    lm = EdgeLM.load(folder)
+    lm.reset(1)
+    cache = decoder.new_cache(1, MAX_LENGTH)
+    worst, torch_tokens, ort_tokens = 0.0, [], []
+    chunk = prompt
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            expected = decoder(torch.tensor([chunk]), cache)[0, -1].numpy()
+            actual = lm.forward(np.array([chunk]))[0]
+            worst = max(worst, float(np.abs(actual - expected).max()))
+            torch_tokens.append(int(expected.argmax()))
+            ort_tokens.append(int(actual.argmax()))
+            chunk = [torch_tokens[-1]]
+    return worst, torch_tokens, ort_tokens
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
+def test_ort_lowering_matches_pytorch(converted, family, name):
+    folder, manifest, spec = converted(family, name)
+    decoder = _rewritten_decoder(family, spec)
+    prompt = list(range(40, 60))
+    worst, torch_tokens, ort_tokens = _compare(folder, decoder, prompt, DECODE_STEPS)
+    assert worst < ONNX_VS_TORCH
+    assert torch_tokens == ort_tokens
+    assert manifest["lowering"]["per_layer"] == ["ort", "ort"]
+    assert manifest["op_histogram"]["com.microsoft.GroupQueryAttention"] == 2
+    assert "Softmax" not in manifest["op_histogram"]
+
+
+def test_batched_prefill_and_decode(converted):
+    folder, _, spec = converted("llama", "identity")
+    decoder = _rewritten_decoder("llama", spec)
+    ids = torch.randint(0, 256, (3, 10))
+    lm = EdgeLM.load(folder)
+    lm.reset(3)
+    cache = decoder.new_cache(3, MAX_LENGTH)
+    with torch.no_grad():
+        for chunk in (ids[:, :7], ids[:, 7:8], ids[:, 8:]):
+            expected = decoder(chunk, cache)[:, -1].numpy()
+            assert np.abs(lm.forward(chunk.numpy()) - expected).max() < ONNX_VS_TORCH
+
+
+def test_window_generates_past_its_capacity_in_constant_memory(converted):
+    folder, manifest, spec = converted("llama", "window")
+    assert manifest["kv_cache"]["capacity"] == 12 and manifest["kv_cache"]["ring"]
+    decoder = _rewritten_decoder("llama", spec)
+    worst, torch_tokens, ort_tokens = _compare(folder, decoder, list(range(30)), 50)  # 80 tokens > 12 slots
+    assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
+
+
+def test_full_cache_stops_with_a_clear_error(converted):
+    from edgeattn.runtimes import ContextFullError
+
+    folder, _, _ = converted("llama", "identity")
+    lm = EdgeLM.load(folder)
+    lm.reset(1)
+    lm.forward(np.zeros((1, MAX_LENGTH), dtype=np.int64))
+    with pytest.raises(ContextFullError, match=f"capacity {MAX_LENGTH}"):
+        lm.forward(np.zeros((1, 1), dtype=np.int64))
+
+
+def test_graph_has_one_fused_node_per_layer_and_fused_norms(converted):
+    import onnx
+
+    folder, _, _ = converted("llama", "identity")
+    histogram = op_histogram(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+    assert histogram["com.microsoft.GroupQueryAttention"] == 2
+    assert histogram.get("RMSNormalization") == 5  # 2 per block + final norm
+    assert "Softmax" not in histogram
+
+
+@pytest.mark.parametrize("weights", ["fp16", "int8", "int4"])
+def test_weight_precisions(converted, weights):
+    folder, manifest, _ = converted("llama", "identity", weights=weights)
+    histogram = manifest["op_histogram"]
+    if weights == "fp16":
+        assert histogram.get("Cast", 0) >= 10
+    else:
+        # every linear layer, the (tied) LM head included; the embedding too at 4 bits
+        assert histogram["com.microsoft.MatMulNBits"] == 2 * 7 + 1
+        assert "MatMul" not in histogram
+        assert histogram.get("com.microsoft.GatherBlockQuantized", 0) == (1 if weights == "int4" else 0)
+    assert manifest["numerics"]["passed"]
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec(window=8, sinks=2), AttentionSpec(block_size=8, top_blocks=2),
+                                  AttentionSpec(kv_cache="int8", kv_quant="per-token"),
+                                  AttentionSpec(window=8, kv_cache="int8")])
+def test_forms_without_an_ort_op_are_refused_by_the_ort_lowering(tmp_path, spec):
+    with pytest.raises(LoweringError, match="ort: "):
+        convert(ConvertOptions("tiny-llama", tmp_path / "out", spec, attention_op="ort", max_length=MAX_LENGTH))
+    assert not (tmp_path / "out").exists()
+
+
+def test_learned_positions_are_refused_by_the_ort_lowering(tmp_path):
+    with pytest.raises(LoweringError, match="rotary"):
+        convert(ConvertOptions("tiny-gpt2", tmp_path / "out", attention_op="ort", max_length=MAX_LENGTH))
+
+
+@pytest.mark.real_model
+def test_smollm2_ort_fp32_generates_the_pytorch_greedy_tokens(tmp_path, smollm2):
+    folder = tmp_path / "smollm2"
+    manifest = convert(ConvertOptions("smollm2", folder, max_length=256))
+    assert manifest["numerics"]["passed"]
+    decoder = copy.deepcopy(smollm2.decoder)
+    prompt = smollm2.encode("The capital of France is")
+    lm = EdgeLM.load(folder, threads=2)
+    lm.reset(1)
+    cache = decoder.new_cache(1, 256)
+    torch_tokens, ort_tokens = [], []
+    chunk = prompt
+    with torch.no_grad():
+        for _ in range(64):
+            torch_tokens.append(int(decoder(torch.tensor([chunk]), cache)[0, -1].argmax()))
+            ort_tokens.append(int(lm.forward(np.array([chunk]))[0].argmax()))
+            chunk = [torch_tokens[-1]]
+    assert ort_tokens == torch_tokens
+    assert (folder / "genai_config.json").is_file()
