@@ -131,7 +131,7 @@ def quality(model, text_path, calibration_text, context, max_windows, as_json, *
 
     spec = _spec_from(spec_kwargs)
     report = quality_report(model, spec, text_path=text_path, calibration_text=calibration_text,
-                            context=context, max_windows=max_windows, progress=not as_json)
+                            context=context, max_windows=max_windows)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

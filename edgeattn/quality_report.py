@@ -21,7 +21,7 @@ def summarize(report: RewriteReport) -> list[str]:
 
 
 def quality_report(model_name: str, spec: AttentionSpec, *, text_path=None, calibration_text=None,
-                   context: int = 512, max_windows: int | None = 4, progress: bool = False) -> dict:
+                   context: int = 512, max_windows: int | None = 4) -> dict:
     model = load(model_name)
     ids = text_ids(model.tokenizer, read_text(text_path))
     original = perplexity(model.decoder, ids, context, max_windows)

@@ -54,6 +54,9 @@ from edgeattn.spec import AttentionSpec
 SEQUENTIAL = True  # fit layer l on the inputs produced by the already-merged layers 0..l-1
 CALIBRATION_WINDOW: int | None = None  # split the calibration ids into sequences of this many tokens
 RIDGE = 1e-6  # relative ridge on the weighting Grams, so R_h stays invertible
+ATTN_WEIGHT = None  # None | "p" | "p2": weight key/value tokens by the attention they receive
+ATTN_WEIGHT_MIX = 0.5
+REFIT_O = False
 UPTRAIN_LR = 1e-4
 UPTRAIN_WINDOW = 512  # tokens per distillation sequence
 
@@ -95,7 +98,18 @@ def _merge_during_forward(model, calibration: torch.Tensor, target: int) -> list
 
     def arm(index, attn) -> str:
         def hook(module, args):
-            done[index] = _merge_layer(module, target, _second_moment(args[0], module))
+            x = args[0]
+            cov = _second_moment(x, module)
+            kv_cov = cov
+            if ATTN_WEIGHT:
+                w = _attention_received(module, x, args[1], ATTN_WEIGHT)
+                kv_cov = (1 - ATTN_WEIGHT_MIX) * cov + ATTN_WEIGHT_MIX * _second_moment(x, module, w)
+            if REFIT_O:
+                with torch.no_grad():
+                    y_ref = module.forward(*args)
+            done[index] = _merge_layer(module, target, cov, kv_cov)
+            if REFIT_O:
+                _refit_o(module, args, y_ref)
         handles.append(attn.register_forward_pre_hook(hook))
         return "armed"
 
@@ -112,7 +126,45 @@ def _merge_during_forward(model, calibration: torch.Tensor, target: int) -> list
     return [LayerChange(NAME, change.layer, done[change.layer]) for change in armed]
 
 
-def _merge_layer(attn, target: int, cov: torch.Tensor) -> str:
+def _attention_received(attn, x, start, kind):
+    b, l, _ = x.shape
+    pos = torch.arange(start, start + l)
+    q = attn._heads(attn.q_proj(x), attn.num_heads)
+    k = attn._heads(attn.k_proj(x), attn.num_kv_heads)
+    if attn.rotary is not None:
+        q, k = attn.rotary.rotate(q, pos), attn.rotary.rotate(k, pos)
+    scores = q @ attn._repeat_kv(k).transpose(-1, -2) * attn.head_dim ** -0.5
+    mask = torch.ones(l, l, dtype=torch.bool).tril()
+    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)  # [B, H, L, N]
+    if kind == "p2":
+        p = p * p
+    return p.sum(2).mean(1)  # [B, N]
+
+
+def _refit_o(attn, args, y_ref):
+    seen = []
+    handle = attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        with torch.no_grad():
+            attn.forward(*args)
+    finally:
+        handle.remove()
+    a = seen[0].reshape(-1, seen[0].shape[-1]).double()
+    y = y_ref.reshape(-1, y_ref.shape[-1]).double()
+    if attn.o_proj.bias is not None:
+        a = torch.cat((a, torch.ones(a.shape[0], 1, dtype=a.dtype)), 1)
+    else:
+        pass
+    gram = a.T @ a
+    gram += 1e-6 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    w = torch.linalg.solve(gram, a.T @ y).T  # [hidden, H*D(+1)]
+    with torch.no_grad():
+        _set_augmented(attn.o_proj, w, attn.o_proj.bias is not None)
+
+
+def _merge_layer(attn, target: int, cov: torch.Tensor, kv_cov: torch.Tensor | None = None) -> str:
+    if kv_cov is None:
+        kv_cov = cov
     source, heads, dim = attn.num_kv_heads, attn.num_heads, attn.head_dim
     ratio, reads = source // target, heads // source  # kv heads per group, query heads per source kv head
     q_w = _augmented(attn.q_proj).view(heads, dim, -1)  # [H, D, E]
@@ -123,15 +175,15 @@ def _merge_layer(attn, target: int, cov: torch.Tensor) -> str:
     if attn.rotary is not None:
         if attn.rotary.head_dim != dim:
             raise RewriteError(f"calibrated GQA needs RoPE over the whole head ({attn.rotary.head_dim} of {dim} channels)")
-        new_k, q_maps = _merge_rotary_keys(k_w, q_w.view(target, ratio, reads, dim, -1), cov)
+        new_k, q_maps = _merge_rotary_keys(k_w, q_w.view(target, ratio, reads, dim, -1), cov, kv_cov)
     else:
         query_cov = torch.einsum("hde,ef,hcf->hdc", q_w, cov, q_w).view(target, ratio, reads, dim, dim).sum(2)
-        new_k, k_maps = _merge_subspace(k_w, query_cov, cov)  # k_h ~ k_maps[h] @ u
+        new_k, k_maps = _merge_subspace(k_w, query_cov, kv_cov)  # k_h ~ k_maps[h] @ u
         q_maps = k_maps.transpose(-1, -2)[:, :, None].expand(-1, -1, reads, -1, -1)  # q' = T^T q
     new_q = (q_maps.reshape(heads, dim, dim) @ q_w).reshape(heads * dim, -1)
 
     o_blocks = o_w.permute(1, 0, 2).reshape(target, ratio, reads * o_w.shape[0], dim)  # M_h [G, r, reads*hidden, D]
-    new_v, v_maps = _merge_subspace(v_w, o_blocks.transpose(-1, -2) @ o_blocks, cov)  # v_h ~ v_maps[h] @ v_g
+    new_v, v_maps = _merge_subspace(v_w, o_blocks.transpose(-1, -2) @ o_blocks, kv_cov)  # v_h ~ v_maps[h] @ v_g
     maps = v_maps[:, :, None].expand(-1, -1, reads, -1, -1).reshape(heads, dim, dim)
     new_o = (o_w.permute(1, 0, 2) @ maps).permute(1, 0, 2).reshape(o_w.shape[0], heads * dim)
 
@@ -144,23 +196,23 @@ def _merge_layer(attn, target: int, cov: torch.Tensor) -> str:
     return f"kv heads {source} -> {target} (calibrated)"
 
 
-def _merge_rotary_keys(k_w: torch.Tensor, q_w: torch.Tensor, cov: torch.Tensor):
+def _merge_rotary_keys(k_w: torch.Tensor, q_w: torch.Tensor, cov: torch.Tensor, kv_cov: torch.Tensor):
     """k_w [G, r, D, E], q_w [G, r, reads, D, E] -> merged keys [G, D, E], query maps [G, r, reads, D, D].
 
     Per pair f a rank-1 complex fit: s_h z_h ~ u conj(v_h), so z_h ~ a_h u with a_h = conj(v_h)/s_h.
     """
     half = k_w.shape[-2] // 2
-    cov_c = cov.to(torch.complex128)
+    cov_c, kv_c = cov.to(torch.complex128), kv_cov.to(torch.complex128)
     k_c = torch.complex(k_w[..., :half, :], k_w[..., half:, :])  # [G, r, F, E]
     q_c = torch.complex(q_w[..., :half, :], q_w[..., half:, :])  # [G, r, reads, F, E]
     q_power = _power(q_c, cov_c).sum(2)  # [G, r, F]: sum over reading query heads of E|q_f|^2
     scale = q_power.clamp_min(1e-12 * q_power.mean()).sqrt()
     weights = (k_c * scale[..., None]).permute(0, 2, 3, 1)  # [G, F, E, r]: columns s_h w_h
-    gram = weights.mH @ cov_c @ weights  # [G, F, r, r]
+    gram = weights.mH @ kv_c @ weights  # [G, F, r, r]
     top = torch.linalg.eigh(gram).eigenvectors[..., -1]  # [G, F, r]
     merged = (weights @ top[..., None])[..., 0]  # [G, F, E]
     # Rescale u to the RMS of the source keys; a_h absorbs the inverse.
-    gain = (_power(k_c, cov_c).mean(1) / _power(merged, cov_c).clamp_min(1e-30)).sqrt()  # [G, F]
+    gain = (_power(k_c, kv_c).mean(1) / _power(merged, kv_c).clamp_min(1e-30)).sqrt()  # [G, F]
     merged = merged * gain[..., None]
     multiplier = top.transpose(1, 2) / (scale * gain[:, None])  # conj(a_h) [G, r, F]
     re, im = multiplier.real, multiplier.imag
@@ -217,12 +269,15 @@ def _set_augmented(proj, weight: torch.Tensor, bias: bool) -> None:
         proj.bias.copy_(b)
 
 
-def _second_moment(x: torch.Tensor, attn) -> torch.Tensor:
+def _second_moment(x: torch.Tensor, attn, weights=None) -> torch.Tensor:
     """x [B, L, hidden] -> X^T X / N [E, E] in float64 (ones column appended when the projections have a bias)."""
     x = x.detach().reshape(-1, x.shape[-1]).double()
     if attn.k_proj.bias is not None:
         x = torch.cat((x, torch.ones(x.shape[0], 1, dtype=x.dtype)), dim=1)
-    return x.T @ x / x.shape[0]
+    if weights is None:
+        return x.T @ x / x.shape[0]
+    w = weights.reshape(-1).double()
+    return (x * w[:, None]).T @ x / w.sum()
 
 
 def _input_covariances(model, calibration: torch.Tensor) -> list[torch.Tensor]:
