@@ -180,3 +180,23 @@ def test_smollm2_ort_fp32_generates_the_pytorch_greedy_tokens(tmp_path, smollm2)
             chunk = [torch_tokens[-1]]
     assert ort_tokens == torch_tokens
     assert (folder / "genai_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["identity", "window", "kv-int8"])
+def test_onnxruntime_genai_runs_the_folder_with_the_same_greedy_tokens(converted, name):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from edgeattn.runtimes.generate import stream
+
+    folder, _, _ = converted("llama", name)
+    prompt = list(range(40, 60))
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 24, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    genai_tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        genai_tokens.append(int(generator.get_next_tokens()[0]))
+    ours = list(stream(EdgeLM.load(folder), prompt, len(genai_tokens), stop_token_ids=[]))
+    assert genai_tokens == ours

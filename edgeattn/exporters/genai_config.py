@@ -7,13 +7,15 @@ GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3":
 
 def genai_config(manifest: dict) -> dict:
     model = manifest["model"]
-    eos = model["eos_token_ids"]
+    # onnxruntime-genai requires token ids in the vocabulary here; a model without special
+    # tokens (the tiny test models) gets its last token id.
+    eos = model["eos_token_ids"] or [model["vocab_size"] - 1]
     return {
         "model": {
-            "bos_token_id": model["bos_token_id"],
+            "bos_token_id": model["bos_token_id"] if model["bos_token_id"] is not None else eos[0],
             "context_length": model["max_length"],
             "eos_token_id": eos if len(eos) != 1 else eos[0],
-            "pad_token_id": eos[0] if eos else 0,
+            "pad_token_id": eos[0],
             "type": GENAI_TYPES.get(manifest["source"]["family"], manifest["source"]["family"]),
             "vocab_size": model["vocab_size"],
             "decoder": {
