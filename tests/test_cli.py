@@ -108,3 +108,18 @@ def test_failed_numerics_check_exits_1_and_publishes_nothing(tmp_path, monkeypat
     result = run("convert", "tiny-llama", "-o", str(tmp_path / "out"), "--max-length", "32")
     assert result.exit_code == 1 and "disagrees with PyTorch" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_optimum_cli_finds_the_edgeattn_exporter(tmp_path):
+    import shutil
+    import subprocess
+
+    optimum_cli = shutil.which("optimum-cli")
+    if optimum_cli is None:
+        pytest.skip("optimum-cli is not on PATH")
+    out = tmp_path / "out"
+    result = subprocess.run([optimum_cli, "export", "edgeattn", "tiny-llama", "-o", str(out), "--max-length", "32", "--json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["numerics"]["passed"]
+    assert (out / "edgeattn.json").is_file()
