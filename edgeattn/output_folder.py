@@ -38,6 +38,7 @@ def atomic_folder(destination: str | Path, force: bool = False) -> Iterator[Path
     staging.chmod(0o777 & ~umask)  # mkdtemp creates 0700; the result should look like any new folder
     try:
         yield staging
+        _normal_file_modes(staging, umask)
         if destination.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
             destination.rename(retired / destination.name)
@@ -48,3 +49,10 @@ def atomic_folder(destination: str | Path, force: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _normal_file_modes(folder: Path, umask: int) -> None:
+    """Give every file the mode a plain new file gets: some writers (temporary files) leave 0600."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
