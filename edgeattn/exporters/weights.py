@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,8 @@ def quantize_weights(path: Path, weights: str, block_size: int = DEFAULT_BLOCK_S
 def _matmul_nbits(model: onnx.ModelProto, bits: int, block_size: int) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    # The quantizer logs two INFO lines per node (hundreds for a real model); convert shows its own progress.
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, accuracy_level=4, bits=bits,
         op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
