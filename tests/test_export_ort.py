@@ -140,11 +140,27 @@ def test_weight_precisions(converted, weights):
     if weights == "fp16":
         assert histogram.get("Cast", 0) >= 10
     else:
-        # every linear layer, the (tied) LM head included; the embedding too at 4 bits
+        # every linear layer, the (tied) LM head included; the embedding reads the head's codes
         assert histogram["com.microsoft.MatMulNBits"] == 2 * 7 + 1
-        assert "MatMul" not in histogram
-        assert histogram.get("com.microsoft.GatherBlockQuantized", 0) == (1 if weights == "int4" else 0)
+        assert "MatMul" not in histogram and "Gather" not in histogram
+        assert histogram["com.microsoft.GatherBlockQuantized"] == 1
     assert manifest["numerics"]["passed"]
+
+
+@pytest.mark.parametrize(("weights", "code_bytes"), [("int4", 256 * 64 // 2), ("int8", 256 * 64)])
+def test_tied_embedding_and_lm_head_share_one_quantized_table(converted, weights, code_bytes):
+    """tiny-llama ties its 256 x 64 embedding to the LM head: one table of codes, read by both ops."""
+    import onnx
+
+    folder, _, _ = converted("llama", "identity", weights=weights)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    head = next(node for node in model.graph.node if node.op_type == "MatMulNBits"
+                and any(a.name == "N" and a.i == 256 for a in node.attribute))
+    gather = next(node for node in model.graph.node if node.op_type == "GatherBlockQuantized")
+    assert gather.input[0] == head.input[1]
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    assert sizes[head.input[1]] == code_bytes
+    assert not any(size == 256 * 64 for name, size in sizes.items() if name != head.input[1])  # no second table
 
 
 @pytest.mark.parametrize("spec", [AttentionSpec(window=8, sinks=2), AttentionSpec(block_size=8, top_blocks=2),

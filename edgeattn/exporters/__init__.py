@@ -1,1 +1,1 @@
-"""PyTorch -> ONNX export with fused attention ops (see the export issue; not yet implemented)."""
+"""PyTorch -> ONNX: the exportable graph, the attention lowerings (ort, onnx, edgeattn), weight precision, checks."""

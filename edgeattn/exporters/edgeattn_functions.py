@@ -44,6 +44,7 @@ from edgeattn.kv_codec import _FP16_TINY, KEY_GROUP
 
 DOMAIN = "edgeattn"
 VERSION = 1
+OPSET = op.version  # the bodies' default opset
 EDGEATTN = onnxscript.values.Opset(DOMAIN, VERSION)
 
 _NEG_INF = float("-inf")

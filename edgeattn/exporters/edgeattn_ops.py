@@ -18,8 +18,8 @@ initializers) or per-token (codes and fp16 scales/minimums stored together in ui
 rows). The buffers hold the real codes: their bytes are ``KVCodec.bytes_per_token``
 per token. Learned-position models pass ``inv_freq`` = zeros (no rotation).
 
-The op bodies (``edgeattn_functions``) must be attached to the exported model
-(``attach_functions``); onnxruntime inlines them into plain ops, so this lowering is
+The op bodies (``edgeattn_functions``) travel in the model (``export_graph`` calls
+``attach_functions``); onnxruntime inlines them into plain ops, so this lowering is
 exact and portable but not fast. A backend can implement the ops natively by domain,
 name and attributes.
 """
@@ -57,7 +57,9 @@ class EdgeattnLowering(nn.Module):
     """Shared by the three ops: projections, codec, RoPE frequencies, the node itself."""
 
     name = NAME
+    domain = DOMAIN
     op_type = ""
+    opset = edgeattn_functions.OPSET  # the bodies' default opset, which must be the model's
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
         super().__init__()

@@ -7,10 +7,10 @@ from pathlib import Path
 import onnx
 import torch
 
+from edgeattn.exporters.edgeattn_ops import attach_functions
 from edgeattn.exporters.graph import ExportGraph
 
-OPSET = 23
-_TORCH_DTYPES = {"float32": torch.float32, "int8": torch.int8, "uint8": torch.uint8}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "uint8": torch.uint8}
 
 
 PAST_NAME = "past_key_values.{layer}.{kind}"
@@ -23,8 +23,17 @@ def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
             [PRESENT_NAME.format(layer=i, kind=kind) for i, kind in layers_kinds])
 
 
+def model_opset(lowerings: list) -> int:
+    """The default-domain opset of the graph: the newest any layer's lowering needs."""
+    return max(lowering.opset for lowering in lowerings)
+
+
 def export_graph(decoder, lowerings: list, path: Path) -> onnx.ModelProto:
-    """Export ``decoder`` with one lowering per layer to ``path`` (+ ``path.data``); returns the proto."""
+    """Export ``decoder`` with one lowering per layer to ``path`` (+ ``path.data``); returns the proto.
+
+    The model carries the function bodies its custom-domain nodes need (the ``edgeattn``
+    lowering's), so every caller gets a model onnxruntime can load.
+    """
     graph = ExportGraph(decoder, lowerings).eval()
     graph.lowering_modules = torch.nn.ModuleList(lowerings)  # their buffers become initializers
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -44,8 +53,11 @@ def export_graph(decoder, lowerings: list, path: Path) -> onnx.ModelProto:
             graph, (sample_ids, torch.ones((2, 8), dtype=torch.long), *sample_past),
             input_names=["input_ids", "attention_mask", *past_names],
             output_names=["logits", *present_names],
-            dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True, optimize=True,
+            dynamic_shapes=dynamic_shapes, opset_version=model_opset(lowerings), dynamo=True, optimize=True,
             verbose=False,
         )
     program.save(str(path), external_data=True)
-    return onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(path), load_external_data=False)
+    if attach_functions(model, lowerings):
+        onnx.save(model, str(path))  # the weights stay in path.data, which the proto still points to
+    return model

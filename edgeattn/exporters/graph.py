@@ -14,15 +14,18 @@ The names and the attention mask follow onnxruntime-genai's decoder contract, so
 same folder runs there too.
 
 Only the attention goes through the lowering (``attend``); embeddings, norms and MLPs
-are exported as ordinary PyTorch code.
+are exported as ordinary PyTorch code, RMSNorm through ``F.rms_norm`` so that it
+becomes one ``RMSNormalization`` node at every opset >= 23 (onnxscript's pattern
+fusion of the written-out formula runs at opset 23 only).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from edgeattn.models.decoder import Decoder
+from edgeattn.models.decoder import Decoder, RMSNorm
 
 
 class ExportGraph(nn.Module):
@@ -41,9 +44,15 @@ class ExportGraph(nn.Module):
         presents = []
         for index, block in enumerate(decoder.blocks):
             attended, present_key, present_value = self.lowerings[index].attend(
-                block.attn, block.attn_norm(x), attention_mask, past[2 * index], past[2 * index + 1])
+                block.attn, _norm(block.attn_norm, x), attention_mask, past[2 * index], past[2 * index + 1])
             presents += [present_key, present_value]
             x = x + attended
-            x = x + block.mlp(block.mlp_norm(x))
-        last = decoder.final_norm(x[:, -1:])  # [B, 1, hidden]: logits of the last new token only
+            x = x + block.mlp(_norm(block.mlp_norm, x))
+        last = _norm(decoder.final_norm, x[:, -1:])  # [B, 1, hidden]: logits of the last new token only
         return (decoder.lm_head(last), *presents)
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(norm, RMSNorm):
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    return norm(x)

@@ -27,7 +27,6 @@ from edgeattn.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
 
 NAME = "ort"
-OP = "com.microsoft::GroupQueryAttention"
 
 
 def unsupported_reason(spec: AttentionSpec, provider: str, has_rotary: bool) -> str | None:
@@ -54,7 +53,9 @@ class GroupQueryAttentionLowering(nn.Module):
     """Emits one GroupQueryAttention node for one EdgeAttention layer."""
 
     name = NAME
+    domain = "com.microsoft"
     op_type = "GroupQueryAttention"
+    opset = 23
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
         super().__init__()
@@ -98,7 +99,7 @@ class GroupQueryAttentionLowering(nn.Module):
         inputs = (query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
                   self.cos_cache, self.sin_cache, None, None, None, *scales, None, None, query_seqlens)
         output, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
-            OP, inputs, self.attributes(),
+            f"{self.domain}::{self.op_type}", inputs, self.attributes(),
             dtypes=(query.dtype, past_key.dtype, past_value.dtype),
             shapes=((batch, length, self.num_heads * self.head_dim), past_key.shape, past_value.shape),
             version=1,

@@ -62,8 +62,11 @@ def _record_stored_kv(model, calibration: torch.Tensor | None) -> list[tuple[tor
     try:
         for attn, recorder in zip(attentions, recorders):
             attn.codec = recorder
+        # Learned position tables end (GPT-2: 1024): calibrate in chunks that fit in them.
+        chunk = model.config.max_position_embeddings if model.pos_embed is not None else calibration.shape[1]
         with torch.no_grad():
-            model(calibration)
+            for start in range(0, calibration.shape[1], chunk):
+                model(calibration[:, start:start + chunk])
     finally:
         for attn, codec in zip(attentions, saved):
             attn.codec = codec

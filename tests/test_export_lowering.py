@@ -1,0 +1,112 @@
+"""What ``--attention-op auto`` picks for each spec, spelled out by hand (not derived from the code), and what
+the manifest records about the choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeattn.calibration import calibration_ids
+from edgeattn.convert import ConvertOptions, convert
+from edgeattn.exporters.lowering import LoweringError, choose_lowerings
+from edgeattn.models import load
+from edgeattn.rewrites import rewrite
+from edgeattn.spec import AttentionSpec
+
+MAX_LENGTH = 64
+
+# (family, spec, provider) -> the lowering auto must choose. Order of preference: ort > onnx > edgeattn.
+AUTO_TABLE = [
+    ("llama", AttentionSpec(), "cpu", "ort"),
+    ("llama", AttentionSpec(kv_heads=1), "cpu", "ort"),
+    ("llama", AttentionSpec(window=16), "cpu", "ort"),  # GQA's local_window_size + window-sized cache
+    ("llama", AttentionSpec(kv_cache="int8"), "cpu", "ort"),  # per-channel: GQA's quantized cache
+    ("llama", AttentionSpec(kv_cache="int4"), "cpu", "ort"),
+    ("llama", AttentionSpec(kv_cache="int4"), "cuda", "edgeattn"),  # CUDA GQA int4 is prompt-only; onnx: codes
+    ("llama", AttentionSpec(kv_cache="fp16"), "cpu", "onnx"),  # GQA has no fp16 cache beside fp32
+    ("llama", AttentionSpec(kv_heads=1, kv_cache="fp16"), "cpu", "onnx"),
+    ("llama", AttentionSpec(window=16, sinks=4), "cpu", "edgeattn"),
+    ("llama", AttentionSpec(window=16, kv_cache="int8"), "cpu", "edgeattn"),  # GQA quantizes rotated keys
+    ("llama", AttentionSpec(window=16, kv_cache="fp16"), "cpu", "edgeattn"),  # onnx: no ring
+    ("llama", AttentionSpec(kv_cache="int8", kv_quant="per-token"), "cpu", "edgeattn"),
+    ("llama", AttentionSpec(block_size=8, top_blocks=2), "cpu", "edgeattn"),
+    ("llama", AttentionSpec(block_size=8, top_blocks=2, sinks=2, kv_cache="int4", kv_quant="per-token"), "cpu",
+     "edgeattn"),
+    ("qwen2", AttentionSpec(kv_heads=1, window=16, sinks=4, kv_cache="int8"), "cpu", "edgeattn"),
+    ("gpt2", AttentionSpec(), "cpu", "onnx"),  # learned positions: no GQA rotary
+    ("gpt2", AttentionSpec(kv_cache="fp16"), "cpu", "onnx"),
+    ("gpt2", AttentionSpec(window=16), "cpu", "edgeattn"),  # onnx would keep the window in a max-length cache
+    ("gpt2", AttentionSpec(kv_cache="int8"), "cpu", "edgeattn"),
+]
+
+
+def _rewritten(family: str, spec: AttentionSpec):
+    model = load(f"tiny-{family}")
+    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None))
+    return model.decoder
+
+
+@pytest.mark.parametrize(("family", "spec", "provider", "expected"), AUTO_TABLE)
+def test_auto_picks_the_fastest_exact_lowering(family, spec, provider, expected):
+    choice = choose_lowerings(_rewritten(family, spec), spec, "auto", provider, MAX_LENGTH)
+    assert choice.name == expected
+    assert [layer.name for layer in choice.layers] == [expected, expected]
+    assert set(choice.not_chosen) == {"ort", "onnx", "edgeattn"} - {expected}
+
+
+@pytest.mark.parametrize(("spec", "op", "expected_op"), [
+    (AttentionSpec(window=8, sinks=2), "auto", "edgeattn.SinkWindowAttention"),
+    (AttentionSpec(block_size=4, top_blocks=2), "auto", "edgeattn.HierarchicalAttention"),
+    (AttentionSpec(kv_cache="int8", kv_quant="per-token"), "auto", "edgeattn.QuantKVAttention"),
+    (AttentionSpec(), "edgeattn", "edgeattn.QuantKVAttention"),
+    (AttentionSpec(window=8), "onnx", "Attention"),  # asked for explicitly: a window over a max-length cache
+    (AttentionSpec(), "auto", "com.microsoft.GroupQueryAttention"),
+])
+def test_each_layer_gets_the_op_of_its_form(spec, op, expected_op):
+    choice = choose_lowerings(_rewritten("llama", spec), spec, op, "cpu", MAX_LENGTH)
+    assert choice.to_dict()["op_per_layer"] == [expected_op, expected_op]
+
+
+def test_an_explicit_lowering_that_cannot_represent_the_spec_says_why():
+    spec = AttentionSpec(window=8, sinks=2)
+    with pytest.raises(LoweringError, match=r"^no attention lowering represents this spec exactly: onnx: .*sink"):
+        choose_lowerings(_rewritten("llama", spec), spec, "onnx", "cpu", MAX_LENGTH)
+    with pytest.raises(LoweringError, match="attention op must be one of"):
+        choose_lowerings(_rewritten("llama", spec), spec, "fastest", "cpu", MAX_LENGTH)
+
+
+def test_manifest_records_the_choice_and_why_the_others_were_not_used(tmp_path):
+    manifest = convert(ConvertOptions("tiny-gpt2", tmp_path / "out", max_length=MAX_LENGTH))
+    lowering = manifest["lowering"]
+    assert lowering["requested"] == "auto" and lowering["chosen"] == "onnx"
+    assert lowering["per_layer"] == ["onnx", "onnx"] and lowering["op_per_layer"] == ["Attention", "Attention"]
+    assert "rotary" in lowering["not_chosen"]["ort"]
+    assert lowering["not_chosen"]["edgeattn"].startswith("slower than onnx")
+    assert manifest["opset"] == 24 and manifest["numerics"]["passed"]
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    (AttentionSpec(), "ort"), (AttentionSpec(kv_cache="fp16"), "onnx"), (AttentionSpec(window=8, sinks=2), "edgeattn")])
+def test_cuda_provider_runs_the_folder_on_device_buffers(tmp_path, spec, expected):
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        pytest.skip(f"CUDAExecutionProvider is not in this onnxruntime build ({', '.join(available)})")
+    import torch
+
+    from edgeattn.runtimes import EdgeLM
+
+    manifest = convert(ConvertOptions("tiny-llama", tmp_path / "out", spec, provider="cuda", max_length=MAX_LENGTH))
+    assert manifest["lowering"]["chosen"] == expected and manifest["numerics"]["passed"]
+    lm = EdgeLM.load(tmp_path / "out", provider="cuda")
+    lm.reset(1)
+    assert lm.provider == "cuda" and lm._caches[0].key.device_name() == "cuda"
+    decoder = _rewritten("llama", spec)
+    cache = decoder.new_cache(1, MAX_LENGTH)
+    chunk = list(range(40, 60))
+    with torch.no_grad():
+        for _ in range(16):
+            expected_logits = decoder(torch.tensor([chunk]), cache)[0, -1].numpy()
+            actual = lm.forward(torch.tensor([chunk]).numpy())[0]
+            assert actual.argmax() == expected_logits.argmax()
+            chunk = [int(expected_logits.argmax())]

@@ -1,0 +1,182 @@
+"""Export with the standard-ONNX lowering (Attention + RotaryEmbedding + TensorScatter), run in onnxruntime,
+compare with the rewritten PyTorch model; check the shared cache buffer against hand-computed keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgeattn.calibration import calibration_ids
+from edgeattn.convert import ConvertOptions, convert
+from edgeattn.exporters.checks import op_histogram
+from edgeattn.exporters.lowering import LoweringError
+from edgeattn.models import load
+from edgeattn.rewrites import rewrite
+from edgeattn.runtimes import ContextFullError, EdgeLM
+from edgeattn.spec import AttentionSpec
+
+ONNX_VS_TORCH = 1e-4  # fp32 max-abs logit difference, prefill + every decode step (issue contract)
+DECODE_STEPS = 32
+MAX_LENGTH = 96
+
+ONNX_SPECS = {
+    "identity": AttentionSpec(),
+    "window": AttentionSpec(window=12),
+    "mqa-fp16": AttentionSpec(kv_heads=1, kv_cache="fp16"),
+    "mqa-window": AttentionSpec(kv_heads=1, window=12),
+    "mqa-window-fp16": AttentionSpec(kv_heads=1, window=12, kv_cache="fp16"),  # learned positions only
+}
+# Every form on llama; the identity and a combination on every other family (GPT-2: learned positions).
+CASES = [("llama", name) for name in sorted(ONNX_SPECS) if name != "mqa-window-fp16"] + [
+    (family, name) for family in ("mistral", "phi3", "qwen2") for name in ("identity", "mqa-window")] + [
+    ("gpt2", "identity"), ("gpt2", "mqa-window-fp16")]
+
+
+def _spec(family: str, name: str) -> AttentionSpec:
+    spec = ONNX_SPECS[name]
+    if spec.kv_heads is not None and family == "phi3":  # tiny phi3 has 4 kv heads: merge to 2
+        spec = AttentionSpec(**{**spec.to_dict(), "kv_heads": 2})
+    return spec
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Convert each (family, spec) with --attention-op onnx once per module."""
+    cache = {}
+
+    def get(family: str, name: str):
+        if (family, name) not in cache:
+            folder = tmp_path_factory.mktemp(f"{family}-{name}") / "out"
+            spec = _spec(family, name)
+            manifest = convert(ConvertOptions(f"tiny-{family}", folder, spec, attention_op="onnx",
+                                              max_length=MAX_LENGTH))
+            cache[family, name] = (folder, manifest, spec)
+        return cache[family, name]
+
+    return get
+
+
+def _rewritten_decoder(family: str, spec: AttentionSpec):
+    model = load(f"tiny-{family}")
+    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None))
+    return model.decoder
+
+
+def _compare(folder, decoder, chunks: list, batch: int = 1) -> tuple[float, list, list]:
+    """Feed ``chunks`` ([B, n] tensors, or None for "the greedy token") to EdgeLM and to PyTorch."""
+    lm = EdgeLM.load(folder, threads=1)
+    lm.reset(batch)
+    cache = decoder.new_cache(batch, MAX_LENGTH)
+    worst, torch_tokens, ort_tokens = 0.0, [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            chunk = chunk if chunk is not None else torch.tensor(torch_tokens[-1])[:, None]
+            expected = decoder(chunk, cache)[:, -1].numpy()
+            actual = lm.forward(chunk.numpy())
+            worst = max(worst, float(np.abs(actual - expected).max()))
+            torch_tokens.append(expected.argmax(-1).tolist())
+            ort_tokens.append(actual.argmax(-1).tolist())
+    return worst, torch_tokens, ort_tokens
+
+
+def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
+def test_onnx_lowering_matches_pytorch(converted, family, name):
+    """Prefill 40, 32 greedy decode steps (the 12-token windows slide far), a 7-token chunk, one more step."""
+    folder, manifest, spec = converted(family, name)
+    decoder = _rewritten_decoder(family, spec)
+    chunks = [_ids(1, 40, 0)] + [None] * DECODE_STEPS + [_ids(1, 7, 1), None]
+    worst, torch_tokens, ort_tokens = _compare(folder, decoder, chunks)
+    assert worst < ONNX_VS_TORCH
+    assert torch_tokens == ort_tokens
+    assert manifest["lowering"]["per_layer"] == ["onnx", "onnx"]
+    assert manifest["opset"] == (25 if spec.window else 24)  # Attention-25's left_window_size for a window
+
+
+def test_batched_prefill_and_decode(converted):
+    folder, _, spec = converted("llama", "mqa-fp16")
+    decoder = _rewritten_decoder("llama", spec)
+    chunks = [_ids(3, 9, 2), None, _ids(3, 4, 3), None, None]
+    worst, torch_tokens, ort_tokens = _compare(folder, decoder, chunks, batch=3)
+    assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
+
+
+@pytest.mark.parametrize(("name", "opset"), [("identity", 24), ("window", 25)])
+def test_graph_is_standard_onnx_with_one_attention_per_layer(converted, name, opset):
+    folder, manifest, _ = converted("llama", name)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    histogram = op_histogram(model)
+    assert {entry.domain: entry.version for entry in model.opset_import} == {"": opset}
+    assert not model.functions
+    assert histogram["Attention"] == 2
+    assert histogram["RotaryEmbedding"] == 4  # q and k of each layer
+    assert histogram["TensorScatter"] == 4  # key and value cache of each layer
+    assert histogram["RMSNormalization"] == 5
+    assert "Softmax" not in histogram
+    assert manifest["op_histogram"] == histogram
+    window = [a.i for node in model.graph.node if node.op_type == "Attention"
+              for a in node.attribute if a.name == "left_window_size"]
+    assert window == ([11, 11] if name == "window" else [])  # the window counts the query itself
+
+
+def test_cache_buffer_holds_the_rotated_keys_at_their_positions(converted):
+    """Prefill 5 + decode 1 through the shared buffers: slots 0..5 hold layer-0 keys rotated by RoPE
+    (written out below with numpy), every later slot is still zero."""
+    folder, manifest, spec = converted("llama", "identity")
+    decoder = _rewritten_decoder("llama", spec)
+    ids = _ids(1, 6, 4)
+    lm = EdgeLM.load(folder, threads=1)
+    lm.reset(1)
+    lm.forward(ids[:, :5].numpy())
+    lm.forward(ids[:, 5:].numpy())
+    buffer = lm._caches[0].key.numpy()[0]  # [Hkv, C, D]
+    attn = decoder.attentions()[0]
+    with torch.no_grad():
+        keys = attn.k_proj(decoder.blocks[0].attn_norm(decoder.embed(ids)))[0].numpy()  # [6, Hkv*D]
+    keys = keys.reshape(6, attn.num_kv_heads, attn.head_dim).transpose(1, 0, 2)  # [Hkv, 6, D]
+    half = attn.head_dim // 2
+    inv_freq = 10000.0 ** (-np.arange(half) * 2 / attn.head_dim)  # tiny llama: rope_theta 10000
+    angles = np.arange(6)[:, None] * inv_freq  # [6, D/2]
+    cos, sin = np.cos(angles), np.sin(angles)
+    first, second = keys[..., :half], keys[..., half:]
+    rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
+    np.testing.assert_allclose(buffer[:, :6], rotated, atol=1e-5)
+    assert not buffer[:, 6:].any()
+    assert buffer.shape == (2, MAX_LENGTH, 16) and manifest["kv_cache"]["capacity"] == MAX_LENGTH
+
+
+def test_fp16_cache_buffers_cost_two_bytes_per_value(converted):
+    folder, manifest, _ = converted("llama", "mqa-fp16")
+    kv = manifest["kv_cache"]
+    assert kv["dtype"] == "float16" and kv["shape_tail"] == [1, MAX_LENGTH, 16]
+    assert kv["bytes_per_token"] == 2 * 2 * 1 * 16 * 2  # layers x (k, v) x kv heads x head dim x 2 bytes
+    lm = EdgeLM.load(folder)
+    lm.reset(1)
+    assert lm._caches[0].key.data_type() == "tensor(float16)"
+
+
+def test_full_cache_stops_with_a_clear_error(converted):
+    folder, _, _ = converted("llama", "window")  # a window over a max-length cache is not a ring
+    lm = EdgeLM.load(folder)
+    lm.reset(1)
+    lm.forward(np.zeros((1, MAX_LENGTH - 1), dtype=np.int64))
+    with pytest.raises(ContextFullError, match=f"capacity {MAX_LENGTH}"):
+        lm.forward(np.zeros((1, 2), dtype=np.int64))
+
+
+@pytest.mark.parametrize(("spec", "reason"), [
+    (AttentionSpec(window=8, sinks=2), "sink"),
+    (AttentionSpec(block_size=8, top_blocks=2), "hierarchical"),
+    (AttentionSpec(kv_cache="int8"), "float caches only"),
+    (AttentionSpec(kv_cache="int4", kv_quant="per-token"), "float caches only"),
+    (AttentionSpec(window=8, kv_cache="fp16"), "unrotated keys"),
+])
+def test_forms_the_standard_op_cannot_represent_are_refused(tmp_path, spec, reason):
+    with pytest.raises(LoweringError, match=f"onnx: .*{reason}"):
+        convert(ConvertOptions("tiny-llama", tmp_path / "out", spec, attention_op="onnx", max_length=MAX_LENGTH))
+    assert not (tmp_path / "out").exists()
