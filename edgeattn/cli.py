@@ -256,6 +256,69 @@ def generate(folder, prompt, max_new_tokens, provider, threads, temperature, top
         click.echo()
 
 
+@main.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path())
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: the target's, else this machine's cores).")
+@click.option("--prompt-lengths", default="128,512", show_default=True, help="Prompt lengths for time to first token.")
+@click.option("--contexts", default="128,512,2048,4096", show_default=True,
+              help="Contexts for decode ms/token (the cache is filled to each).")
+@click.option("--repeats", type=int, default=10, show_default=True, help="Timed repeats (decode: timed tokens).")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed warm-up decode steps.")
+@click.option("--target", help="Device preset, e.g. pi5, pi5-2gb, pi4, pixel8, iphone15, jetson-orin-nano "
+                               "(an unknown name lists them; docs/profile.md gives their sources).")
+@click.option("--max-length", type=int, help="KV length for the target's memory check (default: each folder's own).")
+@click.option("--ops", is_flag=True, help="Add the top operators of decode from onnxruntime's profiler.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON (docs/profile.md).")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Write the report as markdown.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Plot decode ms/token vs context to a PNG (needs matplotlib).")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@_input_errors
+def profile(folders, provider, threads, prompt_lengths, contexts, repeats, warmup, target, max_length, ops, json_path,
+            markdown_path, plot_path, quiet) -> None:
+    """Measure exported FOLDERS on this machine: load, first token, decode speed, memory, roofline.
+
+    Several folders are measured interleaved in one run, with ratios against the first.
+    Needs only the runtime install, so it runs on the device itself. Ctrl-C stops
+    measuring and still writes what was measured.
+
+    \b
+    Example:
+      edgeattn profile out/ --target pi5 --json r.json --plot r.png
+      edgeattn profile fp32/ int4/ --contexts 128,512,2048 --threads 2 --markdown r.md --ops
+    """
+    from edgeattn.runtimes import profile_report
+    from edgeattn.runtimes.profile import ProfileOptions, profile as run_profile
+    from edgeattn.runtimes.targets import get_target
+
+    if plot_path:
+        profile_report.require_matplotlib()
+    options = ProfileOptions(
+        provider=provider, threads=threads, prompt_lengths=_token_counts(prompt_lengths, "--prompt-lengths"),
+        contexts=_token_counts(contexts, "--contexts"), repeats=repeats, warmup=warmup,
+        target=get_target(target) if target else None, max_length=max_length, ops=ops)
+    report = run_profile(list(folders), options, progress=None if quiet else lambda line: click.echo(line, err=True))
+    click.echo(profile_report.render_text(report))
+    if json_path:
+        profile_report.write_json(report, json_path)
+    if markdown_path:
+        profile_report.write_atomic(markdown_path, profile_report.render_markdown(report) + "\n")
+    if plot_path:
+        profile_report.write_plot(report, plot_path)
+    if not report["complete"]:
+        click.echo("edgeattn: interrupted; the partial results above were written", err=True)
+        sys.exit(130)
+
+
+def _token_counts(text: str, flag: str) -> tuple[int, ...]:
+    """'128,512' -> (128, 512); ranges are checked by ProfileOptions."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"{flag} takes comma-separated whole numbers of tokens, got {text!r}") from None
+
+
 def _print_quality(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -271,6 +334,136 @@ def _print_quality(report: dict) -> None:
     console.print(table)
     for line in report["rewrites"]:
         console.print(f"  {line}")
+
+
+def _threshold_options(command):
+    """One flag per threshold of edgeattn.thresholds (--max-kl ...), collected into ``thresholds``."""
+    from edgeattn.thresholds import THRESHOLDS
+
+    for threshold in reversed(THRESHOLDS.values()):
+        bound = "at most" if threshold.upper else "at least"
+        command = click.option(threshold.flag, threshold.key, type=float,
+                               help=f"Bound: {threshold.meaning}, {bound} this.")(command)
+    return command
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--reference", help="The original model (default: the source recorded in FOLDER's manifest).")
+@click.option("--golden", is_flag=True, help="Check against FOLDER's golden.npz only: no PyTorch needed (phones, boards).")
+@click.option("--provider", "providers", multiple=True, type=click.Choice(["cpu", "cuda"]),
+              help="onnxruntime provider (default: cpu); repeat it to compare providers with each other too.")
+@click.option("--text", "text_path", type=click.Path(dir_okay=False), help="Text to compare on (default: packaged calibration text).")
+@click.option("--calibration-text", type=click.Path(dir_okay=False),
+              help="Calibration text of the rewrite (default: the one convert recorded).")
+@click.option("--prompts", type=int, help="Prompts cut from the text. [default: 2]")
+@click.option("--prefill", type=int, help="Tokens each prompt gives at once. [default: 32]")
+@click.option("--steps", type=int, help="Teacher-forced single-token decode steps per prompt. [default: 64]")
+@click.option("--greedy-tokens", type=int, help="Greedy tokens generated per prompt. [default: 32]")
+@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice).")
+@_threshold_options
+@click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe; its [validate] table sets the same keys.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the report as JSON to FILE ('-': stdout, no table); schema in docs/validate.md.")
+@click.option("--junit-xml", "junit_path", type=click.Path(dir_okay=False), help="Write one JUnit test case per metric.")
+@_input_errors
+def validate(folder, reference, golden, providers, text_path, calibration_text, prompts, prefill, steps, greedy_tokens,
+             threads, recipe, json_path, junit_path, **thresholds) -> None:
+    """Check that an exported FOLDER computes what the PyTorch model computes.
+
+    Compares onnxruntime with the rewritten PyTorch model (export:*, gated by defaults of
+    the folder's precision) and with the original model (rewrite:*, gated by the bounds you
+    set). Exit codes: 0 every threshold holds, 1 a threshold failed, 2 usage or input error.
+
+    \b
+    Example:
+      edgeattn validate out/ --json report.json --junit-xml report.xml
+      edgeattn validate out/ --max-ppl-delta 0.05 --min-top1 0.9 --provider cpu --provider cuda
+      edgeattn validate out/ --golden          # on the device: needs only `pip install edgeattn`
+    """
+    import time
+    from pathlib import Path
+
+    from edgeattn.recipe import read_recipe
+
+    settings = {"prompts": prompts, "prefill": prefill, "steps": steps, "greedy_tokens": greedy_tokens,
+                "text": text_path, **thresholds}
+    context = click.get_current_context()
+    for key, value in (read_recipe(recipe).get("validate", {}) if recipe else {}).items():
+        flag = "text_path" if key == "text" else key
+        if context.get_parameter_source(flag) != click.core.ParameterSource.COMMANDLINE:
+            settings[key] = value
+    bounds = {key: settings.pop(key) for key in thresholds if settings[key] is not None}
+    lengths = {key: value for key, value in settings.items() if value is not None}
+    providers = tuple(providers) or ("cpu",)
+    if golden:
+        from edgeattn.runtimes.golden import validate_golden
+
+        flags = {"--reference": reference, "--calibration-text": calibration_text, "--text": text_path,
+                 "--prompts": prompts, "--prefill": prefill, "--steps": steps, "--greedy-tokens": greedy_tokens}
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise InputError(f"--golden takes its inputs from golden.npz; {', '.join(given)} do not apply")
+        report = validate_golden(folder, providers, bounds, threads)
+    else:
+        from edgeattn.validate import ValidateOptions, validate as run_validate
+
+        if "text" in lengths:
+            lengths["text"] = Path(lengths["text"])
+        options = ValidateOptions(Path(folder), providers, reference,
+                                  calibration_text=Path(calibration_text) if calibration_text else None,
+                                  bounds=bounds, threads=threads, **lengths)
+        started = time.perf_counter()
+        report = run_validate(options, progress=lambda step: click.echo(
+            f"edgeattn: [{time.perf_counter() - started:6.1f} s] {step}", err=True))
+    from edgeattn.validation_report import write_json, write_junit
+
+    if json_path == "-":
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_validate(report)
+        if json_path:
+            write_json(report, json_path)
+    if junit_path:
+        write_junit(report, junit_path)
+    context.exit(report["exit_code"])
+
+
+def _print_validate(report: dict) -> None:
+    """The report as a plain table (no rich: golden mode runs where only the runtime is installed)."""
+    settings, model = report["settings"], report["model"]
+    click.echo(f"{report['folder']}: {model['source']}, {model['weights']} weights, {model['kv_cache']} KV cache; "
+               f"{settings['prompts']} prompts x (prefill {settings['prefill']} + {settings['steps']} steps), "
+               f"{settings['greedy_tokens']} greedy tokens")
+    comparisons = report["comparisons"]
+    metrics = [name for name, value in comparisons[0]["metrics"].items() if not isinstance(value, list)]
+    metrics += [name for c in comparisons for name in c["metrics"] if name not in metrics and name != "first_difference"]
+    rows = [["metric", *(c["name"] for c in comparisons)]]
+    for metric in metrics:
+        row = [metric]
+        for c in comparisons:
+            value = c["metrics"].get(metric)
+            cell = "" if value is None and metric not in c["metrics"] else "nan/inf" if value is None else f"{value:.4g}"
+            for check in (k for k in c["checks"] if k["metric"] == metric):
+                cell += f" {'ok' if check['passed'] else 'FAIL'}({check['op']}{check['bound']:g})"
+            row.append(cell)
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for c in comparisons:
+        firsts = c["metrics"].get("first_difference")
+        if firsts and any(first is not None for first in firsts):
+            click.echo(f"{c['name']}: first differing greedy token per prompt: "
+                       + ", ".join("none" if first is None else str(first) for first in firsts))
+    rebuilt = report.get("reference_check")
+    if rebuilt:
+        click.echo(f"reference: the rebuilt rewritten model matches golden.npz (max-abs "
+                   f"{rebuilt['metrics']['max_abs_error']:.3g}, KL {rebuilt['metrics']['kl_mean']:.3g})")
+    for failure in report["failures"]:
+        click.echo(f"FAIL {failure}")
+    verdict = "passed" if report["passed"] else f"{len(report['failures'])} threshold(s) failed"
+    click.echo(f"validate: {verdict} (exit {report['exit_code']}, {report['elapsed_s']} s)")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ class EdgeLM:
                 binding.bind_ortvalue_output(names["present"].format(layer=index, kind=kind), value)
         self.session.run_with_iobinding(binding)
         self.length = total
-        return binding.copy_outputs_to_cpu()[0][:, -1]
+        return binding.get_outputs()[0].numpy()[:, -1].copy()  # logits only (copy_outputs_to_cpu copies the KV too)
 
     def _check_room(self, new_tokens: int) -> None:
         end = self.length + new_tokens

@@ -1,0 +1,288 @@
+"""``edgeattn validate``: an exported folder in onnxruntime against the PyTorch models it came from.
+
+Per onnxruntime provider, two comparisons over the same text:
+* ``export:<provider>`` — against the rewritten PyTorch model, rebuilt from the manifest (source
+  model + spec + the calibration text convert recorded): is the export faithful? Gated by the
+  defaults of the folder's precision (``edgeattn.thresholds``), each overridable.
+* ``rewrite:<provider>`` — against the original model: what did the rewrite and the weight
+  precision cost? Gated only by the user's bounds; it also reports the KV-cache SQNR.
+With several providers they are also compared with each other.
+
+Dimension legend: P prompts, T = prefill + steps + 1 text tokens per prompt, S steps,
+G greedy tokens, V vocabulary.
+
+The runtime is driven as in generation (a prefill, then single-token decode steps); the
+PyTorch side computes the same rows with one causal pass per prompt (decode equals a
+full pass for every rewrite, a tested invariant of the decoder). The first differing greedy
+token is found without a PyTorch decode loop: the PyTorch model scores the prompt followed
+by the runtime's greedy stream in one pass, and the first position whose argmax is not the
+runtime's token is where the two greedy streams part (before it, both saw the same prefix).
+
+A rebuilt calibrated rewrite must match the one convert exported: the manifest records the
+calibration text (and its sha256), and the rebuilt model is checked against the folder's
+``golden.npz`` before it is used as the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeattn.calibration import DEFAULT_CALIBRATION_TOKENS, calibration_ids, default_calibration_text, read_text
+from edgeattn.errors import EdgeattnError, InvalidOptionError
+from edgeattn.manifest import read_manifest
+from edgeattn.metrics import compare_greedy, compare_logits, sqnr_from_energies
+from edgeattn.models import load
+from edgeattn.rewrites import rewrite
+from edgeattn.runtimes.golden import (Golden, check_room, load_providers, provider_comparisons, read_golden,
+                                      run_runtime, write_golden)
+from edgeattn.spec import AttentionSpec
+from edgeattn.thresholds import default_bounds, faithfulness_precision, user_bounds
+from edgeattn.validation_report import build_report, comparison
+
+DEFAULT_PROMPTS, DEFAULT_PREFILL, DEFAULT_STEPS, DEFAULT_GREEDY_TOKENS = 2, 32, 64, 32
+# golden.npz: small enough to ship in every folder (SmolLM2: 2 x 8 rows x 49152 logits = 3 MB).
+GOLDEN_PROMPTS, GOLDEN_PREFILL, GOLDEN_STEPS, GOLDEN_GREEDY_TOKENS = 2, 16, 7, 16
+PACKAGED = "packaged"
+
+
+class ValidateError(EdgeattnError, ValueError):
+    """The folder cannot be validated against PyTorch (reference or calibration text unavailable)."""
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    folder: Path
+    providers: tuple[str, ...] = ("cpu",)
+    reference: str | None = None  # the original model; default: the manifest's source.model
+    text: Path | None = None  # default: the packaged calibration text
+    calibration_text: Path | None = None  # default: the text convert recorded
+    prompts: int = DEFAULT_PROMPTS
+    prefill: int = DEFAULT_PREFILL
+    steps: int = DEFAULT_STEPS
+    greedy_tokens: int = DEFAULT_GREEDY_TOKENS
+    bounds: dict[str, float] = field(default_factory=dict)  # the user's thresholds (flags, recipe)
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, least in (("prompts", 1), ("prefill", 1), ("steps", 0), ("greedy_tokens", 1)):
+            if getattr(self, name) < least:
+                raise InvalidOptionError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        user_bounds(self.bounds)  # unknown keys fail here, before anything is loaded
+
+
+def validate(options: ValidateOptions, progress: Callable[[str], None] = lambda step: None) -> dict:
+    """Run ``options.folder`` in onnxruntime and compare it with the PyTorch models; returns the report."""
+    started = time.perf_counter()
+    manifest = read_manifest(options.folder)
+    check_room(manifest, options.prefill, options.steps, options.greedy_tokens)
+    lms = load_providers(options.folder, options.providers, options.threads)
+    progress(f"loading {options.reference or manifest['source']['model']}")
+    original = _load_reference(manifest, options.reference)
+    ids_PT = _text_ids(original.tokenizer, options)
+    spec = AttentionSpec.from_dict(manifest["spec"])
+    progress("rebuilding the rewritten model" + ("" if spec.is_identity else " (rewriting attention)"))
+    calibration = _calibration_text(manifest, spec, options.calibration_text)
+    rewritten = copy.deepcopy(original.decoder)
+    rewrite(rewritten, spec, calibration_ids(original.tokenizer, calibration) if _needs_calibration(spec) else None)
+    reference_check = _check_rebuild(options.folder, manifest, rewritten)
+
+    progress("running the PyTorch models")
+    with torch.no_grad(), _SqnrProbes(rewritten) as probes:
+        rewritten_rows = _teacher_forced(rewritten, ids_PT, options.prefill)
+    kv_sqnr = probes.metrics() if manifest["kv_cache"]["codec"] != "fp32" else {}
+    with torch.no_grad():
+        original_rows = _teacher_forced(original.decoder, ids_PT, options.prefill)
+
+    targets_R = ids_PT[:, options.prefill:].reshape(-1)
+    faithful = default_bounds(*faithfulness_precision(manifest), options.bounds)
+    user_only = user_bounds(options.bounds)
+    comparisons, runs = [], {}
+    for name, lm in lms.items():
+        progress(f"running onnxruntime ({name})")
+        runs[name] = logits, streams = run_runtime(lm, ids_PT, options.prefill, options.greedy_tokens)
+        with torch.no_grad():
+            rewritten_greedy = _greedy_argmax(rewritten, ids_PT, options.prefill, streams)
+            original_greedy = _greedy_argmax(original.decoder, ids_PT, options.prefill, streams)
+        comparisons.append(comparison(
+            f"export:{name}", "pytorch:rewritten", f"onnxruntime:{name}",
+            {**compare_logits(_rows(rewritten_rows), _rows(logits), targets_R),
+             **compare_greedy(rewritten_greedy, streams)}, faithful))
+        comparisons.append(comparison(
+            f"rewrite:{name}", "pytorch:original", f"onnxruntime:{name}",
+            {**compare_logits(_rows(original_rows), _rows(logits), targets_R),
+             **compare_greedy(original_greedy, streams), **kv_sqnr}, user_only))
+    comparisons += provider_comparisons(runs, ids_PT[:, options.prefill:], faithful)
+    settings = {"text": str(options.text) if options.text else PACKAGED, "prompts": options.prompts,
+                "prefill": options.prefill, "steps": options.steps, "greedy_tokens": options.greedy_tokens,
+                "providers": list(lms)}
+    return build_report("pytorch", options.folder, manifest, settings, comparisons, started,
+                        {"reference_check": reference_check})
+
+
+# -- what convert records ------------------------------------------------------------------
+
+def calibration_record(path: Path | None) -> dict:
+    """The manifest's ``calibration``: which text calibrated the rewrite, so validate can rebuild it."""
+    text = read_text(path)
+    return {"text": PACKAGED if path is None else str(Path(path).resolve()), "sha256": _sha256(text),
+            "max_tokens": DEFAULT_CALIBRATION_TOKENS}
+
+
+def write_convert_golden(folder: Path, decoder, tokenizer, max_length: int) -> str:
+    """Write ``golden.npz`` from the rewritten ``decoder`` on the packaged text; returns its file name."""
+    prefill = max(1, min(GOLDEN_PREFILL, max_length // 2))
+    steps = min(GOLDEN_STEPS, max_length - prefill)
+    greedy = min(GOLDEN_GREEDY_TOKENS, max_length - prefill + 1)
+    length = prefill + steps + 1
+    ids = tokenizer.encode(default_calibration_text()).ids
+    ids_PT = np.array([ids[k * length:(k + 1) * length] for k in range(GOLDEN_PROMPTS)], dtype=np.int64)
+    with torch.no_grad():
+        logits = _teacher_forced(decoder, ids_PT, prefill)
+        streams = [_greedy_pytorch(decoder, list(ids[:prefill]), greedy) for ids in ids_PT]
+    return write_golden(folder, Golden(ids_PT, prefill, logits, np.array(streams, dtype=np.int64)))
+
+
+# -- PyTorch side ---------------------------------------------------------------------------
+
+def _teacher_forced(decoder, ids_PT: np.ndarray, prefill: int) -> np.ndarray:
+    """Next-token logits [P, S + 1, V] after ``prefill + s`` tokens, one causal pass per prompt."""
+    return np.stack([decoder(torch.from_numpy(ids[None, :-1]))[0, prefill - 1:].float().numpy() for ids in ids_PT])
+
+
+def _greedy_argmax(decoder, ids_PT: np.ndarray, prefill: int, streams: list[list[int]]) -> list[list[int]]:
+    """The decoder's argmax after the prompt followed by each runtime stream [P][G] (see the module doc)."""
+    result = []
+    for ids, stream in zip(ids_PT, streams):
+        sequence = torch.tensor([list(ids[:prefill]) + stream[:-1]])
+        result.append(decoder(sequence)[0, prefill - 1:].argmax(-1).tolist())
+    return result
+
+
+def _greedy_pytorch(decoder, prompt: list[int], count: int) -> list[int]:
+    sequence = list(prompt)
+    for _ in range(count):
+        sequence.append(int(decoder(torch.tensor([sequence]))[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
+class _SqnrProbes:
+    """Within ``with``: every layer's codec records signal and round-trip noise energy of what it stores."""
+
+    def __init__(self, decoder) -> None:
+        self.attentions = decoder.attentions()
+        self.probes = [_SqnrProbe(attn.codec) for attn in self.attentions]
+
+    def __enter__(self) -> "_SqnrProbes":
+        for attn, probe in zip(self.attentions, self.probes):
+            attn.codec = probe
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for attn, probe in zip(self.attentions, self.probes):
+            attn.codec = probe.codec
+
+    def metrics(self) -> dict[str, float]:
+        """Worst layer's SQNR (dB) for keys, values, and both."""
+        keys = min(probe.sqnr("key") for probe in self.probes)
+        values = min(probe.sqnr("value") for probe in self.probes)
+        return {"kv_sqnr_db": min(keys, values), "kv_sqnr_db_keys": keys, "kv_sqnr_db_values": values}
+
+
+class _SqnrProbe(nn.Module):
+    def __init__(self, codec) -> None:
+        super().__init__()
+        self.codec = codec
+        self.energy = {kind: [0.0, 0.0] for kind in ("key", "value")}  # [signal, noise]
+
+    def roundtrip(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        stored = self.codec.roundtrip(x, kind)
+        self.energy[kind][0] += float(x.double().square().sum())
+        self.energy[kind][1] += float((stored.double() - x.double()).square().sum())
+        return stored
+
+    def sqnr(self, kind: str) -> float:
+        return sqnr_from_energies(*self.energy[kind])
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+def _load_reference(manifest: dict, reference: str | None):
+    """The original model; its weights must be the ones convert read (when the manifest has their hash)."""
+    name = reference or manifest["source"]["model"]
+    model = load(name)
+    recorded = manifest["source"].get("weights_sha256")
+    if recorded and model.weights_sha256 != recorded:
+        raise ValidateError(f"reference {name} is not the model this folder was converted from "
+                            f"(weights sha256 {str(model.weights_sha256)[:12]}, manifest {recorded[:12]})")
+    return model
+
+
+def _needs_calibration(spec: AttentionSpec) -> bool:
+    gqa = spec.kv_heads is not None and spec.gqa_method == "calibrated"
+    kv_scales = spec.kv_cache in ("int8", "int4") and spec.kv_quant == "per-channel"
+    return gqa or kv_scales
+
+
+def _calibration_text(manifest: dict, spec: AttentionSpec, override: Path | None) -> Path | None:
+    """The calibration text convert used (None: the packaged one), refused when gone or changed."""
+    if override is not None or not _needs_calibration(spec):
+        return override
+    record = manifest.get("calibration")
+    if not record:
+        raise ValidateError("the manifest does not record which calibration text convert used "
+                            "(converted by an older edgeattn); pass --calibration-text FILE")
+    path = None if record["text"] == PACKAGED else Path(record["text"])
+    if path is not None and not path.is_file():
+        raise ValidateError(f"calibration text {path} (recorded by convert) is not available here; "
+                            "pass --calibration-text FILE")
+    if _sha256(read_text(path)) != record["sha256"]:
+        source = "the packaged calibration text" if path is None else f"calibration text {path}"
+        raise ValidateError(f"{source} changed since convert (sha256 differs from the manifest's); "
+                            "pass --calibration-text FILE with the text convert used")
+    return path
+
+
+def _check_rebuild(folder: Path, manifest: dict, rewritten) -> dict | None:
+    """The rebuilt model against golden.npz (written from the exported one): it must be as close as a
+    faithful fp32 export would be. None when the folder has no golden file."""
+    if not manifest.get("files", {}).get("golden"):
+        return None
+    golden = read_golden(folder, manifest)
+    with torch.no_grad():
+        rows = _teacher_forced(rewritten, golden.input_ids, golden.prefill)
+    metrics = compare_logits(_rows(golden.logits), _rows(rows), golden.targets.reshape(-1))
+    result = comparison("reference_check", "golden.npz", "pytorch:rewritten (rebuilt)", metrics,
+                        default_bounds("fp32", *faithfulness_precision(manifest)[1:], {}))
+    if not result["passed"]:
+        failed = "; ".join(c["message"] for c in result["checks"] if not c["passed"])
+        raise ValidateError(f"the rebuilt rewritten model differs from the one convert exported ({failed}); "
+                            "the rewrite is not reproducible here: validate with --golden instead")
+    return result
+
+
+def _text_ids(tokenizer, options: ValidateOptions) -> np.ndarray:
+    """P consecutive chunks of T tokens of the text -> [P, T]."""
+    length = options.prefill + options.steps + 1
+    ids = tokenizer.encode(read_text(options.text)).ids
+    needed = options.prompts * length
+    if len(ids) < needed:
+        raise InvalidOptionError(f"text has {len(ids)} tokens; {options.prompts} prompts x (prefill {options.prefill} "
+                                 f"+ steps {options.steps} + 1) need {needed}: give a longer --text or fewer tokens")
+    return np.array([ids[k * length:(k + 1) * length] for k in range(options.prompts)], dtype=np.int64)
+
+
+def _rows(logits_PSV: np.ndarray) -> np.ndarray:
+    return logits_PSV.reshape(-1, logits_PSV.shape[-1])
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
