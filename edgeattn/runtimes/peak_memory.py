@@ -6,8 +6,12 @@ reset high-water mark (Linux ``clear_refs``) would credit onnxruntime's one-time
 to the first model only and let later models reuse memory freed by earlier ones. A
 fresh Python process per model that loads it, fills its cache to the longest context
 profiled and decodes a few tokens measures what an app running only that model needs:
-interpreter, onnxruntime, weights, KV cache, activations. ``getrusage`` reads its peak
-the same way on Linux, Android (Termux) and macOS.
+interpreter, onnxruntime, weights, KV cache, activations.
+
+The peak is read from ``VmHWM`` in ``/proc/self/status`` on Linux and Android: it belongs
+to the process's own address space. ``getrusage``'s ``ru_maxrss`` survives fork + exec on
+Linux, so a child of a large process (a test runner holding a model) would report its
+parent's size; it is the fallback elsewhere (macOS).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import subprocess
 import sys
 
-METHOD = "getrusage peak of a fresh process that loads the folder, fills its cache and decodes"
+METHOD = "peak RSS (VmHWM, else getrusage) of a fresh process that loads the folder, fills its cache and decodes"
 
 
 def measure_peak_rss(folder: str, provider: str, threads: int, tokens: int, decode_steps: int) -> dict:
@@ -31,6 +35,13 @@ def measure_peak_rss(folder: str, provider: str, threads: int, tokens: int, deco
 
 def process_peak_bytes() -> int | None:
     """This process's peak RSS since it started, or None where the platform cannot tell (Windows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:
