@@ -24,6 +24,7 @@ from edgeattn.rewrites import rewrite
 from edgeattn.runtimes import EdgeLM
 from edgeattn.runtimes.generate import stream
 from edgeattn.spec import AttentionSpec
+from tests.onnx_vs_torch import compare, random_ids
 
 ONNX_VS_TORCH = 1e-4  # fp32 max-abs logit difference, prefill + every decode step
 # Quantized caches are bit-exact (codes, fp16 scales) given the same inputs, but onnxruntime's matmuls
@@ -83,49 +84,28 @@ def _folder(folder, decoder, lowerings, tokenizer):
     return folder
 
 
-def _compare(folder, decoder, chunks: list, batch: int = 1) -> tuple[float, list, list]:
-    """Feed ``chunks`` ([B, n] tensors, or None for "the greedy token") to EdgeLM and to PyTorch."""
-    lm = EdgeLM.load(folder, threads=1)
-    lm.reset(batch)
-    cache = decoder.new_cache(batch, MAX_LENGTH)
-    worst, torch_tokens, ort_tokens = 0.0, [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            chunk = chunk if chunk is not None else torch.tensor(torch_tokens[-1])[:, None]
-            expected = decoder(chunk, cache)[:, -1].numpy()
-            actual = lm.forward(chunk.numpy())
-            worst = max(worst, float(np.abs(actual - expected).max()))
-            torch_tokens.append(expected.argmax(-1).tolist())
-            ort_tokens.append(actual.argmax(-1).tolist())
-    return worst, torch_tokens, ort_tokens
-
-
-def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_edgeattn_lowering_matches_pytorch(exported, name):
     """Prefill 40, 32 greedy decode steps (the rings wrap several times), a 13-token chunk, one more step."""
     folder, decoder, _ = exported(name)
-    chunks = [_ids(1, 40, 0)] + [None] * DECODE_STEPS + [_ids(1, 13, 1), None]
-    worst, torch_tokens, ort_tokens = _compare(folder, decoder, chunks)
+    chunks = [random_ids(1, 40, 0)] + [None] * DECODE_STEPS + [random_ids(1, 13, 1), None]
+    worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert worst < ONNX_VS_TORCH
     assert torch_tokens == ort_tokens
 
 
 def test_batched_chunks_on_a_wrapped_ring(exported):
     folder, decoder, _ = exported("ring-int4-token")
-    chunks = [_ids(3, 9, 2), None, _ids(3, 6, 3), None, None, _ids(3, 11, 4), None, _ids(3, 3, 5)]
-    worst, torch_tokens, ort_tokens = _compare(folder, decoder, chunks, batch=3)
+    chunks = [random_ids(3, 9, 2), None, random_ids(3, 6, 3), None, None, random_ids(3, 11, 4), None, random_ids(3, 3, 5)]
+    worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH, batch=3)
     assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
 
 
 def test_ring_generates_past_max_length(exported):
     folder, decoder, lowerings = exported("ring")
     assert lowerings[0].cache_layout()["max_positions"] is None  # RoPE positions are reassigned in the ring
-    chunks = [_ids(1, 80, 6)] + [None] * DECODE_STEPS  # 112 tokens > MAX_LENGTH
-    worst, torch_tokens, ort_tokens = _compare(folder, decoder, chunks)
+    chunks = [random_ids(1, 80, 6)] + [None] * DECODE_STEPS  # 112 tokens > MAX_LENGTH
+    worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
 
 
@@ -163,7 +143,7 @@ def _presents(folder, ids: torch.Tensor, chunk_lengths: list[int]) -> list[np.nd
 def test_ring_slots_hold_the_positions_written_out_by_hand(exported):
     """window 8, sinks 2, 15 tokens: sinks stay in slots 0-1, token t >= 2 in slot 2 + (t - 2) % 8."""
     folder, decoder, _ = exported("ring")
-    ids = _ids(1, 15, 7)
+    ids = random_ids(1, 15, 7)
     key_buffer = _presents(folder, ids, [5, 1, 1, 6, 1, 1])[0][0]  # layer 0 keys [Hkv, C, D]
     position_of_slot = {0: 0, 1: 1, 2: 10, 3: 11, 4: 12, 5: 13, 6: 14, 7: 7, 8: 8, 9: 9}
     attn = decoder.attentions()[0]
@@ -178,7 +158,7 @@ def test_per_token_rows_hold_codes_and_fp16_scales(exported):
     [key scale, value scale] in the key row and [key min, value min] in the value row; decoded with numpy
     it is the PyTorch cache (which keeps codec-round-tripped keys)."""
     folder, decoder, _ = exported("ring-int4-token")
-    ids = _ids(1, 23, 8)
+    ids = random_ids(1, 23, 8)
     key_rows, value_rows = (buffer[0] for buffer in _presents(folder, ids, [20, 1, 1, 1])[:2])  # [Hkv, C, 12]
     cache = decoder.new_cache(1, MAX_LENGTH)
     with torch.no_grad():
@@ -280,7 +260,7 @@ def test_int4_weights_agree_with_the_fp32_model(converted_weights):
         for seed in range(3):
             lm.reset(1)
             cache = decoder.new_cache(1, MAX_LENGTH)
-            chunk = _ids(1, 40, seed)
+            chunk = random_ids(1, 40, seed)
             for _ in range(DECODE_STEPS + 1):
                 expected = decoder(chunk, cache)[0, -1].numpy()
                 actual = lm.forward(chunk.numpy())[0]

@@ -16,6 +16,7 @@ from edgeattn.models import load
 from edgeattn.rewrites import rewrite
 from edgeattn.runtimes import ContextFullError, EdgeLM
 from edgeattn.spec import AttentionSpec
+from tests.onnx_vs_torch import compare, random_ids
 
 ONNX_VS_TORCH = 1e-4  # fp32 max-abs logit difference, prefill + every decode step (issue contract)
 DECODE_STEPS = 32
@@ -64,34 +65,13 @@ def _rewritten_decoder(family: str, spec: AttentionSpec):
     return model.decoder
 
 
-def _compare(folder, decoder, chunks: list, batch: int = 1) -> tuple[float, list, list]:
-    """Feed ``chunks`` ([B, n] tensors, or None for "the greedy token") to EdgeLM and to PyTorch."""
-    lm = EdgeLM.load(folder, threads=1)
-    lm.reset(batch)
-    cache = decoder.new_cache(batch, MAX_LENGTH)
-    worst, torch_tokens, ort_tokens = 0.0, [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            chunk = chunk if chunk is not None else torch.tensor(torch_tokens[-1])[:, None]
-            expected = decoder(chunk, cache)[:, -1].numpy()
-            actual = lm.forward(chunk.numpy())
-            worst = max(worst, float(np.abs(actual - expected).max()))
-            torch_tokens.append(expected.argmax(-1).tolist())
-            ort_tokens.append(actual.argmax(-1).tolist())
-    return worst, torch_tokens, ort_tokens
-
-
-def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize(("family", "name"), CASES)
 def test_onnx_lowering_matches_pytorch(converted, family, name):
     """Prefill 40, 32 greedy decode steps (the 12-token windows slide far), a 7-token chunk, one more step."""
     folder, manifest, spec = converted(family, name)
     decoder = _rewritten_decoder(family, spec)
-    chunks = [_ids(1, 40, 0)] + [None] * DECODE_STEPS + [_ids(1, 7, 1), None]
-    worst, torch_tokens, ort_tokens = _compare(folder, decoder, chunks)
+    chunks = [random_ids(1, 40, 0)] + [None] * DECODE_STEPS + [random_ids(1, 7, 1), None]
+    worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert worst < ONNX_VS_TORCH
     assert torch_tokens == ort_tokens
     assert manifest["lowering"]["per_layer"] == ["onnx", "onnx"]
@@ -101,8 +81,8 @@ def test_onnx_lowering_matches_pytorch(converted, family, name):
 def test_batched_prefill_and_decode(converted):
     folder, _, spec = converted("llama", "mqa-fp16")
     decoder = _rewritten_decoder("llama", spec)
-    chunks = [_ids(3, 9, 2), None, _ids(3, 4, 3), None, None]
-    worst, torch_tokens, ort_tokens = _compare(folder, decoder, chunks, batch=3)
+    chunks = [random_ids(3, 9, 2), None, random_ids(3, 4, 3), None, None]
+    worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH, batch=3)
     assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
 
 
@@ -129,7 +109,7 @@ def test_cache_buffer_holds_the_rotated_keys_at_their_positions(converted):
     (written out below with numpy), every later slot is still zero."""
     folder, manifest, spec = converted("llama", "identity")
     decoder = _rewritten_decoder("llama", spec)
-    ids = _ids(1, 6, 4)
+    ids = random_ids(1, 6, 4)
     lm = EdgeLM.load(folder, threads=1)
     lm.reset(1)
     lm.forward(ids[:, :5].numpy())
