@@ -24,6 +24,7 @@ from edgeattn.exporters.checks import check_graph, fused_op_name
 from edgeattn.exporters.export import PAST_NAME, PRESENT_NAME, export_graph, model_opset
 from edgeattn.exporters.genai_config import genai_config
 from edgeattn.exporters.lowering import choose_lowerings
+from edgeattn.exporters.norms import choose_norm_fusion
 from edgeattn.exporters.weights import DEFAULT_BLOCK_SIZE, quantize_weights
 from edgeattn.manifest import write_manifest
 from edgeattn.models import load
@@ -78,10 +79,11 @@ def convert(options: ConvertOptions, progress: Callable[[str], None] = lambda st
     report = rewrite(decoder, options.spec, calibration_ids(model.tokenizer, options.calibration_text))
     choice = choose_lowerings(decoder, options.spec, options.attention_op, options.provider, options.max_length)
     lowerings = choice.layers
+    norm_fusion = choose_norm_fusion(decoder, lowerings)
     with atomic_folder(options.output, options.force) as staging:
         progress("exporting to ONNX")
         path = staging / MODEL_FILE
-        export_graph(decoder, lowerings, path)
+        export_graph(decoder, lowerings, path, norm_fusion)
         if options.weights != "fp32":
             progress(f"quantizing weights to {options.weights}")
             quantize_weights(path, options.weights, options.block_size)
@@ -94,7 +96,7 @@ def convert(options: ConvertOptions, progress: Callable[[str], None] = lambda st
             files["chat_template"] = CHAT_TEMPLATE_FILE
         progress("writing golden logits for on-device checks")
         files["golden"] = write_convert_golden(staging, decoder, model.tokenizer, options.max_length)
-        manifest = _manifest(model, decoder, options, choice, histogram, files, summarize(report))
+        manifest = _manifest(model, decoder, options, choice, norm_fusion, histogram, files, summarize(report))
         manifest["calibration"] = calibration_record(options.calibration_text)  # validate rebuilds the rewrite
         write_manifest(staging, manifest)
         progress("checking numerics against PyTorch")
@@ -105,7 +107,7 @@ def convert(options: ConvertOptions, progress: Callable[[str], None] = lambda st
     return manifest
 
 
-def _manifest(model, decoder, options: ConvertOptions, choice, histogram, files, rewrites) -> dict:
+def _manifest(model, decoder, options: ConvertOptions, choice, norm_fusion, histogram, files, rewrites) -> dict:
     config = decoder.config
     lowerings = choice.layers
     layout = _cache_layout(lowerings)
@@ -122,7 +124,7 @@ def _manifest(model, decoder, options: ConvertOptions, choice, histogram, files,
                   "max_length": options.max_length},
         "weights": {"dtype": options.weights, "block_size": options.block_size if options.weights in ("int4", "int8") else None},
         "lowering": {"requested": options.attention_op, "provider": options.provider, **choice.to_dict(),
-                     "op": fused_op_name(lowerings[0])},
+                     "op": fused_op_name(lowerings[0]), "norm_fusion": norm_fusion},
         "files": files,
         "io": {
             "inputs": {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "total"]},

@@ -98,6 +98,7 @@ def test_graph_is_standard_onnx_with_one_attention_per_layer(converted, name, op
     assert histogram["TensorScatter"] == 4  # key and value cache of each layer
     assert histogram["RMSNormalization"] == 5
     assert "Softmax" not in histogram
+    assert manifest["lowering"]["norm_fusion"] == "standard"  # no onnxruntime-only fusions in a portable graph
     assert manifest["op_histogram"] == histogram
     window = [a.i for node in model.graph.node if node.op_type == "Attention"
               for a in node.attribute if a.name == "left_window_size"]

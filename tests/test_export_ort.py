@@ -126,11 +126,17 @@ def test_full_cache_stops_with_a_clear_error(converted):
 def test_graph_has_one_fused_node_per_layer_and_fused_norms(converted):
     import onnx
 
-    folder, _, _ = converted("llama", "identity")
-    histogram = op_histogram(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+    folder, manifest, _ = converted("llama", "identity")
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    histogram = op_histogram(model)
     assert histogram["com.microsoft.GroupQueryAttention"] == 2
-    assert histogram.get("RMSNormalization") == 5  # 2 per block + final norm
-    assert "Softmax" not in histogram
+    # The first norm has no residual to add; the other 2 per block and the final norm are fused with theirs.
+    assert histogram.get("RMSNormalization") == 1
+    assert histogram.get("com.microsoft.SkipSimplifiedLayerNormalization") == 4
+    assert "Add" not in histogram and "Softmax" not in histogram
+    assert manifest["lowering"]["norm_fusion"] == "skip"
+    skip_nodes = [node for node in model.graph.node if node.op_type == "SkipSimplifiedLayerNormalization"]
+    assert all(list(node.output)[1:3] == ["", ""] for node in skip_nodes)  # mean, inv_std_var never computed
 
 
 @pytest.mark.parametrize("weights", ["fp16", "int8", "int4"])

@@ -9,6 +9,7 @@ import torch
 
 from edgeattn.exporters.edgeattn_ops import attach_functions
 from edgeattn.exporters.graph import ExportGraph
+from edgeattn.exporters.norms import choose_norm_fusion, drop_unused_skip_norm_outputs
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "uint8": torch.uint8}
 
@@ -28,13 +29,15 @@ def model_opset(lowerings: list) -> int:
     return max(lowering.opset for lowering in lowerings)
 
 
-def export_graph(decoder, lowerings: list, path: Path) -> onnx.ModelProto:
+def export_graph(decoder, lowerings: list, path: Path, norm_fusion: str | None = None) -> onnx.ModelProto:
     """Export ``decoder`` with one lowering per layer to ``path`` (+ ``path.data``); returns the proto.
 
+    ``norm_fusion`` (``edgeattn.exporters.norms``) defaults to ``choose_norm_fusion``.
     The model carries the function bodies its custom-domain nodes need (the ``edgeattn``
     lowering's), so every caller gets a model onnxruntime can load.
     """
-    graph = ExportGraph(decoder, lowerings).eval()
+    norm_fusion = norm_fusion or choose_norm_fusion(decoder, lowerings)
+    graph = ExportGraph(decoder, lowerings, norm_fusion).eval()
     graph.lowering_modules = torch.nn.ModuleList(lowerings)  # their buffers become initializers
     batch = torch.export.Dim("batch", min=1, max=64)
     length = torch.export.Dim("sequence", min=1, max=1 << 20)
@@ -58,6 +61,7 @@ def export_graph(decoder, lowerings: list, path: Path) -> onnx.ModelProto:
         )
     program.save(str(path), external_data=True)
     model = onnx.load(str(path), load_external_data=False)
-    if attach_functions(model, lowerings):
+    changed = drop_unused_skip_norm_outputs(model)
+    if attach_functions(model, lowerings) or changed:
         onnx.save(model, str(path))  # the weights stay in path.data, which the proto still points to
     return model

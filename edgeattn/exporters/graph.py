@@ -16,7 +16,9 @@ same folder runs there too.
 Only the attention goes through the lowering (``attend``); embeddings, norms and MLPs
 are exported as ordinary PyTorch code, RMSNorm through ``F.rms_norm`` so that it
 becomes one ``RMSNormalization`` node at every opset >= 23 (onnxscript's pattern
-fusion of the written-out formula runs at opset 23 only).
+fusion of the written-out formula runs at opset 23 only), or, with the ``skip`` norm
+fusion (``edgeattn.exporters.norms``), residual add + RMSNorm as one
+``SkipSimplifiedLayerNormalization``.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeattn.models.decoder import Decoder, RMSNorm
+from edgeattn.exporters.norms import SKIP, STANDARD, norm, skip_rms_norm
+from edgeattn.models.decoder import Decoder
 
 
 class ExportGraph(nn.Module):
-    def __init__(self, decoder: Decoder, lowerings: list) -> None:
+    def __init__(self, decoder: Decoder, lowerings: list, norm_fusion: str = STANDARD) -> None:
         super().__init__()
         self.decoder = decoder
         self.lowerings = lowerings
+        self.norm_fusion = norm_fusion
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         decoder = self.decoder
@@ -41,18 +45,33 @@ class ExportGraph(nn.Module):
             past_length = attention_mask.shape[1] - input_ids.shape[1]
             positions = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
             x = x + decoder.pos_embed(positions)[None]
-        presents = []
-        for index, block in enumerate(decoder.blocks):
-            attended, present_key, present_value = self.lowerings[index].attend(
-                block.attn, _norm(block.attn_norm, x), attention_mask, past[2 * index], past[2 * index + 1])
-            presents += [present_key, present_value]
-            x = x + attended
-            x = x + block.mlp(_norm(block.mlp_norm, x))
-        last = _norm(decoder.final_norm, x[:, -1:])  # [B, 1, hidden]: logits of the last new token only
+        blocks = self.fused_blocks if self.norm_fusion == SKIP else self.plain_blocks
+        last, presents = blocks(x, attention_mask, past)
         return (decoder.lm_head(last), *presents)
 
+    def plain_blocks(self, x, attention_mask, past):
+        """Residual adds and norms as separate nodes; returns (final-normed last token, presents)."""
+        presents = []
+        for index, block in enumerate(self.decoder.blocks):
+            attended, present_key, present_value = self.lowerings[index].attend(
+                block.attn, norm(block.attn_norm, x), attention_mask, past[2 * index], past[2 * index + 1])
+            presents += [present_key, present_value]
+            x = x + attended
+            x = x + block.mlp(norm(block.mlp_norm, x))
+        return norm(self.decoder.final_norm, x[:, -1:]), presents  # logits of the last new token only
 
-def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(norm, RMSNorm):
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
-    return norm(x)
+    def fused_blocks(self, x, attention_mask, past):
+        """Each residual add fused with the norm after it; the final one on the last token only."""
+        blocks = self.decoder.blocks
+        presents = []
+        residual, normed = x, norm(blocks[0].attn_norm, x)
+        for index, block in enumerate(blocks):
+            attended, present_key, present_value = self.lowerings[index].attend(
+                block.attn, normed, attention_mask, past[2 * index], past[2 * index + 1])
+            presents += [present_key, present_value]
+            normed, residual = skip_rms_norm(block.mlp_norm, attended, residual)
+            update = block.mlp(normed)
+            if index + 1 < len(blocks):
+                normed, residual = skip_rms_norm(blocks[index + 1].attn_norm, update, residual)
+        last, _ = skip_rms_norm(self.decoder.final_norm, update[:, -1:], residual[:, -1:])
+        return last, presents
