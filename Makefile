@@ -35,7 +35,8 @@ demo: $(STAMP)
 	$(VENV)/bin/edgeattn convert smollm2 -o $(DEMO_OUT) $(DEMO_CONVERT) $(DEMO_CALIBRATION) --force
 	$(VENV)/bin/edgeattn generate $(DEMO_OUT) "What is the capital of France?" --chat --max-new-tokens 48
 	$(VENV)/bin/edgeattn validate $(DEMO_OUT)
-	$(VENV)/bin/edgeattn profile $(DEMO_OUT) --target pi5 --contexts 128,512 --prompt-lengths 128 --repeats 3
+	$(VENV)/bin/edgeattn profile $(DEMO_OUT) --target pi5 --contexts 128,512 --prompt-lengths 128 --repeats 3 \
+		--json demo-out/profile.json --plot demo-out/profile.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q
