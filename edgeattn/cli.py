@@ -186,8 +186,23 @@ def convert(model, output, weights, weights_block_size, attention_op, max_length
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
+        summary["numerics"] = _numerics_line(summary["numerics"])
         for key, value in summary.items():
             click.echo(f"  {key:<22} {value}")
+
+
+def _numerics_line(numerics: dict) -> str:
+    """The two numerics checks of convert in one line."""
+    export = numerics["export"]
+    if "tolerance" in export:
+        parts = [f"export max |logit error| {export['max_abs_logit_error']:.1e} (<= {export['tolerance']:g})"]
+    else:
+        parts = [f"export top-1 {export['top1_agreement']:.2f} (>= {export['min_top1_agreement']:g})"]
+    weights = numerics.get("weights")
+    if weights is not None:
+        parts.append(f"weights KL {weights['kl_mean']:.3g} (<= {weights['max_kl']:g}), "
+                     f"top-1 {weights['top1_agreement']:.2f} (>= {weights['min_top1_agreement']:g})")
+    return "; ".join(parts) + (" - passed" if numerics["passed"] else " - FAILED")
 
 
 def _with_progress(work, quiet: bool):

@@ -110,6 +110,15 @@ def test_failed_numerics_check_exits_1_and_publishes_nothing(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_quantized_weights_beyond_bounds_exit_1_and_publish_nothing(tmp_path, monkeypatch):
+    import edgeattn.convert as convert_module
+
+    monkeypatch.setitem(convert_module.WEIGHT_BOUNDS, "int8", {"max_kl": -1.0, "min_top1": 0.0})  # no KL is < 0
+    result = run("convert", "tiny-llama", "-o", str(tmp_path / "out"), "--max-length", "32", "--weights", "int8")
+    assert result.exit_code == 1 and "int8 weights move the logits beyond" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_optimum_cli_finds_the_edgeattn_exporter(tmp_path):
     import subprocess
     import sys
