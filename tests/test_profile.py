@@ -7,6 +7,7 @@ Timings are never asserted (the machine is shared): only what follows from them 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -250,6 +251,9 @@ def test_cli_writes_json_markdown_and_a_png(folders, tmp_path):
     with Image.open(paths["png"]) as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] > 300
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.stat().st_mode & 0o777 for path in paths.values()} == {0o666 & ~umask}  # not mkstemp's 0600
 
 
 @pytest.mark.parametrize("flags, message", [

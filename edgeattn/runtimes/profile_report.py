@@ -45,11 +45,19 @@ def write_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
-        os.replace(staging, path)
+        _publish(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
     return path
+
+
+def _publish(staging: str, path: Path) -> None:
+    """Rename into place with an ordinary file's mode (mkstemp creates 0600, unreadable to others)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o666 & ~umask)
+    os.replace(staging, path)
 
 
 def require_matplotlib() -> None:
@@ -97,7 +105,7 @@ def write_plot(report: dict, path: str | Path) -> Path:
     os.close(handle)
     try:
         figure.savefig(staging, dpi=120)
-        os.replace(staging, path)
+        _publish(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
