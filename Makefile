@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-quality clean
+.PHONY: install demo test bench-quality bench-speed clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) benchmarks/quality.py
+
+# Run on a quiet machine: every variant and baseline interleaved in one run -> docs/benchmarks.{md,json,png}.
+bench-speed: $(STAMP)
+	$(PY) benchmarks/speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out

@@ -10,6 +10,7 @@ hold on a noisy machine. Writes JSON, a markdown report with the targets of issu
     python benchmarks/speed.py                  # everything -> docs/benchmarks.{md,json,png}
     python benchmarks/speed.py --quick          # fp32 + int4, context 128, 3 repeats -> bench-out/quick/
     python benchmarks/speed.py --variants fp32,int4 --baselines genai-fp32 --contexts 128,512 --out bench-out/try
+    python benchmarks/speed.py --render docs/benchmarks.json   # rewrite the report (and plot) from a run's JSON
 
 A variant that fails to convert (or a baseline that fails to build) is recorded with
 its error and left out of the run, never a crash.
@@ -39,6 +40,8 @@ from edgeattn.runtimes.profile import (Candidate, ProfileOptions, decode_step, f
 from edgeattn.spec import AttentionSpec  # noqa: E402
 
 CACHE = ROOT / "bench-out"
+# Hand-written reading of the last full run (what limits each missed target), included in the report.
+FINDINGS = ROOT / "benchmarks" / "speed_findings.md"
 THREADS = 2
 CONTEXTS = (128, 512, 2048, 4096, 16384)  # 16384 only reachable by ring caches (constant memory)
 PROMPT_LENGTHS = (128, 512)
@@ -104,10 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fp32 + int4, no baselines, context 128, 3 repeats")
     parser.add_argument("--reconvert", action="store_true", help="convert again even if bench-out/ has the folder")
     parser.add_argument("--out", help="folder for benchmarks.{md,json,png} (default docs/, or bench-out/quick)")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite benchmarks.{md,png} beside a run's JSON")
     parser.add_argument("--peak-child", nargs=3, metavar=("BASELINE", "TOKENS", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_child:
         return _peak_child(*args.peak_child, threads=args.threads)
+    if args.render:
+        path = Path(args.render)
+        _write(path.parent, json.loads(path.read_text(encoding="utf-8")))
+        print(f"wrote {path.parent / 'benchmarks.md'}", file=sys.stderr)
+        return 0
     if args.quick:
         args.variants, args.baselines, args.contexts, args.prompt_lengths, args.repeats = (
             ",".join(QUICK_VARIANTS), "", "128", "128", 3)
@@ -312,9 +321,7 @@ def _markdown(report: dict) -> str:
         "absolute numbers are noisy. Decode at context C times the steps that end at C, "
         "the cache filled with random tokens first. Medians; p10-p90 in brackets. "
         f"Load average (1 min) before / after the run: {bench['load_average']['before']} / "
-        f"{bench['load_average']['after']} on {machine['cpu_count']} cores: above the core count, other processes "
-        "competed for the CPU and the absolute numbers (PyTorch's spinning OpenMP threads above all) are not "
-        "trustworthy.",
+        f"{bench['load_average']['after']} on {machine['cpu_count']} cores{_load_verdict(bench, machine)}.",
         "",
         "![decode ms/token vs context](benchmarks.png)",
         "",
@@ -328,7 +335,10 @@ def _markdown(report: dict) -> str:
         met = {True: "yes", False: "**no**", None: "-"}[target["met"]]
         lines.append(f"| {target['target']} | {value} | {target['limit']}{target['unit']} | {met} |")
     lines += ["", "Where a target is missed, the operator profiles at the end (onnxruntime's profiler, decode at the "
-              "longest context each model reaches) show where the time goes.",
+              "longest context each model reaches) show where the time goes."]
+    if FINDINGS.exists():
+        lines += ["", FINDINGS.read_text(encoding="utf-8").strip()]
+    lines += [
               "", "## Decode ms/token by context (median)", "", *_pivot(report), "",
               "Reference anchors from issue 5 (measured before, same machine and threads; decode ms/token at "
               "128 / 512 / 2048): " + "; ".join(f"{name} {values}" for name, values in ANCHORS) + ".", ""]
@@ -360,6 +370,17 @@ def _pivot(report: dict) -> list[str]:
         lines.append(f"| {entry['name']} | " + " | ".join(cells)
                      + f" | {'-' if peak is None else f'{peak / 1e6:.0f}'} | {entry['disk_bytes'] / 1e6:.0f} |")
     return lines
+
+
+def _load_verdict(bench: dict, machine: dict) -> str:
+    """Whether other processes competed for the CPU during the run (the run itself keeps ~threads busy)."""
+    loads = [load for load in bench["load_average"].values() if load is not None]
+    if not loads:
+        return ""
+    if max(loads) > machine["cpu_count"]:
+        return (": above the core count, other processes competed for the CPU and the absolute numbers "
+                "(PyTorch's spinning OpenMP threads above all) are not trustworthy")
+    return ": at most the core count, which the run itself keeps busy, so nothing else competed for the CPU"
 
 
 def _load_average() -> float | None:
