@@ -139,6 +139,33 @@ def test_graph_has_one_fused_node_per_layer_and_fused_norms(converted):
     assert all(list(node.output)[1:3] == ["", ""] for node in skip_nodes)  # mean, inv_std_var never computed
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases, packed with the weights
+def test_qkv_leave_as_one_matmul_into_the_attention_op(converted, family):
+    import onnx
+    from onnx import numpy_helper
+
+    folder, manifest, _ = converted(family, "identity")
+    model = onnx.load(str(folder / "model.onnx"))
+    sizes = manifest["model"]
+    hidden, packed = sizes["hidden_size"], (sizes["num_heads"] + 2 * sizes["num_kv_heads"]) * sizes["head_dim"]
+    initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    attention = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
+    assert attention and all(list(node.input)[1:3] == ["", ""] for node in attention)  # key, value ride in the query
+    for node in attention:
+        source = producers[node.input[0]]
+        if family == "qwen2":
+            assert source.op_type == "Add" and any(initializers.get(name, np.empty(0)).shape == (packed,)
+                                                   for name in source.input)
+            source = producers[next(name for name in source.input if name in producers)]
+        assert source.op_type == "MatMul" and initializers[source.input[1]].shape == (hidden, packed)
+    # the separate q/k/v weights did not stay behind as unused tables
+    consumed = {name for node in model.graph.node for name in node.input}
+    assert set(initializers) <= consumed
+    matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
+    assert matmuls == 5 * sizes["num_layers"] + 1  # qkv, o, gate, up, down per layer; the LM head
+
+
 @pytest.mark.parametrize("weights", ["fp16", "int8", "int4"])
 def test_weight_precisions(converted, weights):
     folder, manifest, _ = converted("llama", "identity", weights=weights)
@@ -146,8 +173,9 @@ def test_weight_precisions(converted, weights):
     if weights == "fp16":
         assert histogram.get("Cast", 0) >= 10
     else:
-        # every linear layer, the (tied) LM head included; the embedding reads the head's codes
-        assert histogram["com.microsoft.MatMulNBits"] == 2 * 7 + 1
+        # every linear layer, the (tied) LM head included; the embedding reads the head's codes.
+        # Per layer: packed qkv, o, gate, up, down.
+        assert histogram["com.microsoft.MatMulNBits"] == 2 * 5 + 1
         assert "MatMul" not in histogram and "Gather" not in histogram
         assert histogram["com.microsoft.GatherBlockQuantized"] == 1
     numerics = manifest["numerics"]

@@ -9,7 +9,11 @@ What the op covers (onnxruntime >= 1.32, CPU and CUDA):
   (``sliding_window_cache=1``: constant memory, the op evicts internally);
 * RoPE inside the op (``do_rotary`` with cos/sin caches, rotate-half layout);
 * a per-channel static int8/int4 KV cache (``k_quant_type=PER_CHANNEL``, scales
-  [1, Hkv, 1, D], int4 packed two codes per byte).
+  [1, Hkv, 1, D], int4 packed two codes per byte);
+* packed QKV: the op takes one [B, L, (H + 2*Hkv)*D] query input when key and value are
+  omitted, so the three projections leave as one MatMul (as onnxruntime-genai emits them):
+  at batch-1 decode every MatMul node costs a thread-pool dispatch, and SmolLM2 went from
+  7 to 5 per layer.
 
 Not covered (use the ``edgeattn`` lowering): attention sinks, hierarchical selection,
 per-token KV quantization, an fp16 cache beside fp32 activations, learned positions, and a
@@ -70,6 +74,17 @@ class GroupQueryAttentionLowering(nn.Module):
         if self.codec_bits is not None:
             self.register_buffer("k_scale", attn.codec.k_scale.reshape(1, self.kv_heads, 1, self.head_dim).clone())
             self.register_buffer("v_scale", attn.codec.v_scale.reshape(1, self.kv_heads, 1, self.head_dim).clone())
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        # Stored as [hidden, (H + 2*Hkv)*D], the layout MatMul reads, so the graph holds it as a plain
+        # initializer (no Transpose for the weight quantizer to look through).
+        self.register_buffer("qkv_weight_T", torch.cat([proj.weight.detach() for proj in projections]).T.contiguous())
+        biases = [proj.bias for proj in projections]
+        if all(bias is None for bias in biases):
+            self.qkv_bias = None
+        else:
+            self.register_buffer("qkv_bias", torch.cat([
+                bias.detach() if bias is not None else proj.weight.new_zeros(proj.out_features)
+                for proj, bias in zip(projections, biases)]))
 
     def cache_layout(self) -> dict:
         """How the runtime allocates past_key/past_value for this layer."""
@@ -90,17 +105,19 @@ class GroupQueryAttentionLowering(nn.Module):
     def attend(self, attn: EdgeAttention, h: torch.Tensor, attention_mask: torch.Tensor,
                past_key: torch.Tensor, past_value: torch.Tensor):
         batch, length, _ = h.shape
-        query, key, value = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [B, L, H*D], [B, L, Hkv*D] x2
+        qkv = h @ self.qkv_weight_T  # [B, L, (H + 2*Hkv)*D]: query, key, value side by side
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
         seqlens_k = (attention_mask.sum(1) - 1).to(torch.int32)  # [B]: index of each row's last token
         total_sequence_length = torch.tensor(attention_mask.shape[1], dtype=torch.int32)
         # Every row's chunk is all valid tokens; giving it lets batch > 1 prefill on top of a cache.
         query_seqlens = torch.full((batch,), length, dtype=torch.int32)
         scales = (self.k_scale, self.v_scale) if self.codec_bits is not None else (None, None)
-        inputs = (query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+        inputs = (qkv, None, None, past_key, past_value, seqlens_k, total_sequence_length,
                   self.cos_cache, self.sin_cache, None, None, None, *scales, None, None, query_seqlens)
         output, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
             f"{self.domain}::{self.op_type}", inputs, self.attributes(),
-            dtypes=(query.dtype, past_key.dtype, past_value.dtype),
+            dtypes=(qkv.dtype, past_key.dtype, past_value.dtype),
             shapes=((batch, length, self.num_heads * self.head_dim), past_key.shape, past_value.shape),
             version=1,
         )
