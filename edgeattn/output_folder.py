@@ -1,7 +1,8 @@
-"""Atomic output folders: build in a temporary sibling folder, then rename into place.
+"""Atomic outputs: build in a temporary sibling (folder or file), then rename into place.
 
 An interrupted or failed build leaves nothing at the destination; an existing
-destination is replaced only with ``force``.
+destination folder is replaced only with ``force``. Standard library only: the
+runtime's reports (profile, validate) write through it too.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ def atomic_folder(destination: str | Path, force: bool = False) -> Iterator[Path
     destination = check_destination(destination, force)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _current_umask()
     staging.chmod(0o777 & ~umask)  # mkdtemp creates 0700; the result should look like any new folder
     try:
         yield staging
@@ -49,6 +49,36 @@ def atomic_folder(destination: str | Path, force: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(destination: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``destination`` to write; on success it replaces ``destination``
+    with an ordinary file's mode (mkstemp creates 0600), on failure it is removed."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{destination.stem}.", suffix=destination.suffix, dir=destination.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+        staging.chmod(0o666 & ~_current_umask())
+        os.replace(staging, destination)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(destination: str | Path, text: str) -> Path:
+    with atomic_file(destination) as staging:
+        staging.write_text(text, encoding="utf-8")
+    return Path(destination)
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 def _normal_file_modes(folder: Path, umask: int) -> None:

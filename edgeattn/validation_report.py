@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from edgeattn import __version__
+from edgeattn.output_folder import write_text_atomically
 from edgeattn.thresholds import check
 
 SCHEMA = "edgeattn.validate"
@@ -53,7 +53,7 @@ def build_report(mode: str, folder: Path, manifest: dict, settings: dict, compar
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    _write_atomically(Path(path), json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_text_atomically(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def junit_xml(report: dict) -> str:
@@ -88,13 +88,7 @@ def junit_xml(report: dict) -> str:
 
 
 def write_junit(report: dict, path: str | Path) -> None:
-    _write_atomically(Path(path), junit_xml(report))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(path, junit_xml(report))
 
 
 def _json_safe(value):

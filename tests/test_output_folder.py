@@ -1,4 +1,4 @@
-"""Atomic output folders: all or nothing at the destination, --force to replace, ordinary file modes."""
+"""Atomic output folders and files: all or nothing at the destination, --force to replace, ordinary file modes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from edgeattn.output_folder import OutputExistsError, atomic_folder
+from edgeattn.output_folder import OutputExistsError, atomic_file, atomic_folder, write_text_atomically
 
 
 def _mode(path) -> int:
@@ -55,3 +55,25 @@ def test_force_replaces_the_folder(tmp_path):
         (staging / "new.txt").write_text("new")
     assert [p.name for p in destination.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_file_is_replaced_whole_with_an_ordinary_mode(tmp_path):
+    destination = tmp_path / "report.json"
+    destination.write_text("old")
+    umask = os.umask(0o022)
+    try:
+        write_text_atomically(destination, "new")
+    finally:
+        os.umask(umask)
+    assert destination.read_text() == "new" and _mode(destination) == 0o644  # not mkstemp's 0600
+    assert [path.name for path in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_a_failed_file_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    destination = tmp_path / "plot.png"
+    destination.write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(destination) as staging:
+        staging.write_text("half")
+        raise RuntimeError("interrupted")
+    assert destination.read_text() == "old"
+    assert [path.name for path in tmp_path.iterdir()] == ["plot.png"]

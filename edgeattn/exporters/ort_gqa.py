@@ -78,13 +78,10 @@ class GroupQueryAttentionLowering(nn.Module):
         # Stored as [hidden, (H + 2*Hkv)*D], the layout MatMul reads, so the graph holds it as a plain
         # initializer (no Transpose for the weight quantizer to look through).
         self.register_buffer("qkv_weight_T", torch.cat([proj.weight.detach() for proj in projections]).T.contiguous())
-        biases = [proj.bias for proj in projections]
-        if all(bias is None for bias in biases):
-            self.qkv_bias = None
-        else:
-            self.register_buffer("qkv_bias", torch.cat([
-                bias.detach() if bias is not None else proj.weight.new_zeros(proj.out_features)
-                for proj, bias in zip(projections, biases)]))
+        has_bias = any(proj.bias is not None for proj in projections)
+        self.register_buffer("qkv_bias", torch.cat([
+            proj.bias.detach() if proj.bias is not None else proj.weight.new_zeros(proj.out_features)
+            for proj in projections]) if has_bias else None)
 
     def cache_layout(self) -> dict:
         """How the runtime allocates past_key/past_value for this layer."""

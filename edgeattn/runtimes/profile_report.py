@@ -8,11 +8,10 @@ when a plot is asked for. Files are written to a temporary name and renamed into
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from edgeattn.errors import EdgeattnError
+from edgeattn.output_folder import atomic_file, write_text_atomically
 from edgeattn.runtimes.roofline import human_bytes
 
 SCHEMA_PATH = Path(__file__).with_name("profile.schema.json")  # the JSON Schema of write_json's output
@@ -39,25 +38,7 @@ def write_json(report: dict, path: str | Path) -> Path:
 
 
 def write_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        _publish(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _publish(staging: str, path: Path) -> None:
-    """Rename into place with an ordinary file's mode (mkstemp creates 0600, unreadable to others)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o666 & ~umask)
-    os.replace(staging, path)
+    return write_text_atomically(path, text)
 
 
 def require_matplotlib() -> None:
@@ -100,15 +81,8 @@ def write_plot(report: dict, path: str | Path) -> Path:
     axes.grid(True, which="both", alpha=0.3)
     if axes.has_data():
         axes.legend(fontsize="small", ncols=1 if count <= 8 else 2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(staging, dpi=120)
-        _publish(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as staging:
+        figure.savefig(staging, dpi=120, format=path.suffix.lstrip(".") or "png")
     return path
 
 
