@@ -16,14 +16,14 @@ from edgeattn.calibration import calibration_ids
 from edgeattn.convert import ConvertOptions, convert
 from edgeattn.exporters.checks import GraphCheckError, check_graph, fused_op_name, op_histogram
 from edgeattn.exporters.edgeattn_ops import attach_functions, lowering_for, unsupported_reason
-from edgeattn.exporters.export import PAST_NAME, PRESENT_NAME, cache_names, export_graph
+from edgeattn.exporters.export import cache_names
 from edgeattn.exporters.lowering import choose_lowerings
-from edgeattn.manifest import write_manifest
 from edgeattn.models import load
 from edgeattn.rewrites import rewrite
 from edgeattn.runtimes import EdgeLM
 from edgeattn.runtimes.generate import stream
 from edgeattn.spec import AttentionSpec
+from tests.minimal_folder import exported_folder
 from tests.onnx_vs_torch import compare, random_ids
 
 ONNX_VS_TORCH = 1e-4  # fp32 max-abs logit difference, prefill + every decode step
@@ -75,13 +75,7 @@ def exported(tmp_path_factory):
 
 def _folder(folder, decoder, lowerings, tokenizer):
     """Export into ``folder`` with the smallest manifest EdgeLM runs (convert's checks are not under test)."""
-    export_graph(decoder, lowerings, folder / "model.onnx")
-    tokenizer.save(str(folder / "tokenizer.json"))
-    write_manifest(folder, {
-        "files": {"model": "model.onnx", "tokenizer": "tokenizer.json"},
-        "model": {"num_layers": len(lowerings)}, "kv_cache": lowerings[0].cache_layout(),
-        "io": {"cache_names": {"past": PAST_NAME, "present": PRESENT_NAME}}})
-    return folder
+    return exported_folder(folder, decoder, lowerings, tokenizer, MAX_LENGTH)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

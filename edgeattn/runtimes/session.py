@@ -17,8 +17,9 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.manifest import read_manifest
+from edgeattn.manifest import read_manifest, verify_files
 from edgeattn.runtimes.chat import apply_chat_format
+from edgeattn.runtimes.folder_checks import check_graph, load_tokenizer
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -53,10 +54,17 @@ class EdgeLM:
         self._caches: list[_LayerCache] = []
 
     @classmethod
-    def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None) -> "EdgeLM":
-        """Load ``folder`` on ``provider`` ("cpu" or "cuda", falling back to CPU with a message)."""
+    def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None,
+             verify: bool = False) -> EdgeLM:
+        """Load ``folder`` on ``provider`` ("cpu" or "cuda", falling back to CPU with a message).
+
+        The manifest must describe the folder's graph and tokenizer; ``verify`` also checks every
+        file against the sha256 the manifest records (reads every byte: seconds for a large model).
+        """
         folder = Path(folder)
         manifest = read_manifest(folder)
+        if verify:
+            verify_files(folder, manifest, required=True)
         provider = _usable_provider(provider)
         options = ort.SessionOptions()
         if threads is not None:
@@ -70,8 +78,8 @@ class EdgeLM:
             session = ort.InferenceSession(str(folder / manifest["files"]["model"]), options, providers=providers)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise RuntimeLoadError(f"{folder}: onnxruntime cannot load the model ({str(error).splitlines()[0]})") from error
-        tokenizer = Tokenizer.from_file(str(folder / manifest["files"]["tokenizer"]))
-        return cls(folder, manifest, session, provider, tokenizer)
+        check_graph(folder, manifest, session)
+        return cls(folder, manifest, session, provider, load_tokenizer(folder, manifest))
 
     # -- low level: feed tokens, get next-token logits ---------------------------------------
 

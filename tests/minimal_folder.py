@@ -1,0 +1,23 @@
+"""An output folder from an exported graph, with the smallest manifest EdgeLM runs (convert's checks are not
+under test where this is used)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeattn.exporters.export import PAST_NAME, PRESENT_NAME, export_graph
+from edgeattn.manifest import write_manifest
+
+
+def exported_folder(folder: Path, decoder, lowerings: list, tokenizer, max_length: int) -> Path:
+    """Export ``decoder`` with ``lowerings`` into ``folder`` and describe it; returns the folder."""
+    export_graph(decoder, lowerings, folder / "model.onnx")
+    tokenizer.save(str(folder / "tokenizer.json"))
+    layout = lowerings[0].cache_layout()
+    write_manifest(folder, {
+        "source": {"model": "test"}, "spec": {}, "weights": {"dtype": "fp32"},
+        "files": {"model": "model.onnx", "tokenizer": "tokenizer.json"},
+        "model": {"num_layers": len(lowerings), "vocab_size": decoder.config.vocab_size, "max_length": max_length},
+        "kv_cache": {**layout, "bytes_per_token": decoder.kv_bytes_per_token(), "codec": decoder.attentions()[0].codec.dtype},
+        "io": {"cache_names": {"past": PAST_NAME, "present": PRESENT_NAME}}})
+    return folder
