@@ -3,13 +3,46 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from edgeattn.calibration import wikitext_path
 
+# Property tests (tests/test_properties.py): the same cases on every run and machine (a fixed seed,
+# no example database), no per-example deadline (a shared CI core can be slow), max_examples set per test.
+settings.register_profile("edgeattn", derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("edgeattn")
+
 TINY_FAMILIES = ["gpt2", "llama", "mistral", "phi3", "qwen2"]
+
+# The unit layer (`make test-fast`, under a minute): pure logic on tiny tensors, no model loaded,
+# nothing converted. Tests of every other module are marked slow.
+UNIT_MODULES = {
+    "test_spec", "test_metrics", "test_reference_tables", "test_attention_vs_reference",
+    "test_output_folder", "test_emulation",
+}
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)  # `make test` runs one worker per core already
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.stem not in UNIT_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """`-m "not slow"` (`make test-fast`) does not even import the other modules."""
+    if config.getoption("markexpr") == "not slow" and collection_path.name.startswith("test_"):
+        return collection_path.stem not in UNIT_MODULES or None
+    return None
 
 
 @pytest.fixture(autouse=True)
@@ -33,5 +66,6 @@ def smollm2_decoder(smollm2):
 def wikitext_or_skip(split: str):
     path = wikitext_path(split)
     if path is None:
-        pytest.skip(f"WikiText-2 {split}.txt not found (expected in ../shared/data/wikitext-2 or $EDGEATTN_WIKITEXT_DIR)")
+        pytest.skip(f"WikiText-2 {split}.txt not found "
+                    "(expected in ../shared/data/wikitext-2 or $EDGEATTN_WIKITEXT_DIR)")
     return path
