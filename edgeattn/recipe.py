@@ -21,6 +21,7 @@ Flags given on the command line win over the recipe.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,14 @@ from edgeattn.errors import EdgeattnError
 from edgeattn.spec import AttentionSpec
 from edgeattn.thresholds import THRESHOLDS
 
-CONVERT_KEYS = {"weights", "block_size", "attention_op", "max_length", "provider", "calibration_text"}
+WHOLE, NUMBER, TEXT = "a whole number", "a number", "a string"
+CONVERT_KINDS = {"weights": TEXT, "block_size": WHOLE, "attention_op": TEXT, "max_length": WHOLE, "provider": TEXT,
+                 "calibration_text": TEXT}
 VALIDATE_LENGTHS = {"prompts", "prefill", "steps", "greedy_tokens"}
-VALIDATE_KEYS = set(THRESHOLDS) | VALIDATE_LENGTHS | {"text"}
+VALIDATE_KINDS = {**dict.fromkeys(THRESHOLDS, NUMBER), **dict.fromkeys(VALIDATE_LENGTHS, WHOLE), "text": TEXT}
+# What each [spec] value must be, read from AttentionSpec's annotations ("int | None" -> a whole number).
+SPEC_KINDS = {name: {"int": WHOLE, "float": NUMBER, "str": TEXT}[str(field.type).split(" ")[0]]
+              for name, field in AttentionSpec.__dataclass_fields__.items()}
 
 
 class RecipeError(EdgeattnError, ValueError):
@@ -44,28 +50,32 @@ def read_recipe(path: str | Path) -> dict[str, dict[str, Any]]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise RecipeError(f"recipe {path} does not exist") from error
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     except tomllib.TOMLDecodeError as error:
         raise RecipeError(f"recipe {path}: invalid TOML ({error})") from error
     unknown_tables = sorted(set(data) - {"spec", "convert", "validate"})
     if unknown_tables:
         raise RecipeError(f"recipe {path}: unknown tables {', '.join(unknown_tables)} (expected spec, convert, validate)")
-    spec_fields = set(AttentionSpec.__dataclass_fields__)
-    for table, allowed in (("spec", spec_fields), ("convert", CONVERT_KEYS), ("validate", VALIDATE_KEYS)):
-        unknown = sorted(set(data.get(table, {})) - allowed)
+    for table in data:
+        if not isinstance(data[table], dict):
+            raise RecipeError(f"recipe {path}: {table} must be a table ([{table}]), got {data[table]!r}")
+    for table, kinds in (("spec", SPEC_KINDS), ("convert", CONVERT_KINDS), ("validate", VALIDATE_KINDS)):
+        values = data.get(table, {})
+        unknown = sorted(set(values) - set(kinds))
         if unknown:
             raise RecipeError(f"recipe {path}: unknown [{table}] keys: {', '.join(unknown)}")
-    _check_validate_types(path, data.get("validate", {}))
+        for key, value in values.items():
+            if not _is(kinds[key], value):
+                raise RecipeError(f"recipe {path}: [{table}] {key} must be {kinds[key]}, got {value!r}")
+    for key, value in data.get("validate", {}).items():
+        if key in THRESHOLDS and not (math.isfinite(value) and value >= 0):
+            raise RecipeError(f"recipe {path}: [validate] {key} must be a finite number >= 0, got {value!r}")
     return data
 
 
-def _check_validate_types(path: Path, table: dict[str, Any]) -> None:
-    """Thresholds are numbers, lengths whole numbers, text a path."""
-    for key, value in table.items():
-        if key in THRESHOLDS:
-            ok, expected = isinstance(value, int | float) and not isinstance(value, bool), "a number"
-        elif key in VALIDATE_LENGTHS:
-            ok, expected = isinstance(value, int) and not isinstance(value, bool), "a whole number"
-        else:
-            ok, expected = isinstance(value, str), "a file path"
-        if not ok:
-            raise RecipeError(f"recipe {path}: [validate] {key} must be {expected}, got {value!r}")
+def _is(kind: str, value: Any) -> bool:
+    """TOML's booleans are not numbers here, though Python counts True as 1."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, {WHOLE: int, NUMBER: int | float, TEXT: str}[kind])

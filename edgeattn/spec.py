@@ -57,10 +57,11 @@ class AttentionSpec:
         _choice("gqa_method", self.gqa_method, GQA_METHODS)
         _choice("kv_cache", self.kv_cache, KV_CACHE_DTYPES)
         _choice("kv_quant", self.kv_quant, KV_QUANT_MODES)
-        if self.sinks < 0:
-            raise SpecError(f"sinks must be >= 0, got {self.sinks}")
-        if self.uptrain_steps < 0:
-            raise SpecError(f"uptrain_steps must be >= 0, got {self.uptrain_steps}")
+        _not_negative("sinks", self.sinks)
+        _not_negative("uptrain_steps", self.uptrain_steps)
+        if self.block_mass is not None and (isinstance(self.block_mass, bool)
+                                            or not isinstance(self.block_mass, int | float)):
+            raise SpecError(f"block_mass must be a number in (0, 1], got {self.block_mass!r}")
         if self.uptrain_steps and self.gqa_method != "calibrated":
             raise SpecError("uptrain_steps needs gqa_method='calibrated'")
         if self.uptrain_steps and self.kv_heads is None:
@@ -108,18 +109,30 @@ class AttentionSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AttentionSpec":
+        if not isinstance(data, dict):
+            raise SpecError(f"an attention spec is a table of fields, got {data!r}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise SpecError(f"unknown attention spec keys: {', '.join(unknown)}")
         return cls(**data)
 
 
+def _whole(value) -> bool:
+    """An int that is not a bool (True is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or value < 1):
+    if value is not None and (not _whole(value) or value < 1):
         raise SpecError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _not_negative(name: str, value: int) -> None:
+    if not _whole(value) or value < 0:
+        raise SpecError(f"{name} must be an integer >= 0, got {value!r}")
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise SpecError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

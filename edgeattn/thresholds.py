@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from edgeattn.errors import EdgeattnError
+from edgeattn.errors import EdgeattnError, InvalidOptionError
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,12 @@ def default_bounds(weights: str, kv_cache: str, ring: bool, user: dict[str, floa
 
 
 def user_bounds(user: dict[str, float]) -> dict[str, tuple[float, str]]:
-    for key in user:
+    """The user's bounds, refused unless each is a known key with a finite number >= 0 (NaN passes nothing)."""
+    for key, value in user.items():
         if key not in THRESHOLDS:
             raise ThresholdKeyError(f"unknown threshold {key!r}; known: {', '.join(THRESHOLDS)}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value >= 0):
+            raise InvalidOptionError(f"{key} must be a finite number >= 0, got {value!r}")
     return {key: (float(value), "user") for key, value in user.items()}
 
 

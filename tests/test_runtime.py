@@ -124,7 +124,7 @@ def test_stop_tokens_end_generation(folder):
     assert stop_at is not None, f"greedy output too repetitive to pick a stop token: {first}"
     lm.manifest["model"]["eos_token_ids"] = [first[stop_at]]
     result = generate(lm, "hello", 16)
-    assert result.tokens == first[:stop_at] and result.stopped_by == "stop_token"
+    assert result.tokens == first[:stop_at] and result.stop == "eos"
 
 
 def test_cuda_request_falls_back_to_cpu_with_a_message(folder, capsys):
