@@ -1,6 +1,8 @@
 """Speed benchmark: SmolLM2 variants and baselines measured in ONE interleaved run (measured, never asserted).
 
-Every edgeattn variant is converted (``edgeattn convert``, timed, cached in bench-out/),
+Every edgeattn variant is converted (``edgeattn convert``, timed, cached in bench-out/ under its
+flags and a hash of the code that builds it: the edgeattn package's files and the exporter's
+library versions, so a change to the exporter converts again),
 every baseline built from the same weights (benchmarks/baselines.py), then all of them
 are profiled together by ``edgeattn.runtimes.profile`` with the same thread count:
 each load, prefill and decode token goes round-robin over the models, so the ratios
@@ -19,6 +21,8 @@ its error and left out of the run, never a crash.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -35,8 +39,7 @@ import baselines  # noqa: E402  (benchmarks/baselines.py)
 from edgeattn.calibration import wikitext_path  # noqa: E402
 from edgeattn.runtimes import profile_report, roofline  # noqa: E402
 from edgeattn.runtimes.peak_memory import process_peak_bytes  # noqa: E402
-from edgeattn.runtimes.profile import (Candidate, ProfileOptions, decode_step, fill_cache,  # noqa: E402
-                                       folder_candidate, profile_candidates)
+from edgeattn.runtimes.profile import Candidate, ProfileOptions, decode_step, fill_cache, folder_candidate, profile_candidates  # noqa: E402
 from edgeattn.spec import AttentionSpec  # noqa: E402
 
 CACHE = ROOT / "bench-out"
@@ -78,6 +81,8 @@ VARIANTS = {variant.name: variant for variant in (
             AttentionSpec(block_size=64, top_blocks=7, sinks=4)),
     Variant("kv-int8", "int8 KV cache (per-channel)", AttentionSpec(kv_cache="int8")),
     Variant("kv-int4", "int4 KV cache (per-channel)", AttentionSpec(kv_cache="int4")),
+    Variant("kv-int8-token", "int8 KV cache (per-token)", AttentionSpec(kv_cache="int8", kv_quant="per-token")),
+    Variant("kv-int4-token", "int4 KV cache (per-token)", AttentionSpec(kv_cache="int4", kv_quant="per-token")),
     Variant("int4", "int4 weights (MatMulNBits, block 32), cache of 2048 tokens", weights="int4", max_length=2048),
     Variant("board-2gb", "2 GB board: MQA + window 512 + 4 sinks + int8 KV + int4 weights",
             AttentionSpec(kv_heads=1, window=512, sinks=4, kv_cache="int8"), weights="int4", max_length=RING_MAX_LENGTH),
@@ -165,27 +170,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _convert(variant: Variant, reconvert: bool) -> tuple[Path | None, dict]:
-    """``edgeattn convert`` in a subprocess (timed wall clock, as a user runs it); cached by its flags."""
+    """``edgeattn convert`` in a subprocess (timed wall clock, as a user runs it); cached by its flags and by
+    the code that builds it (``code_key``)."""
     folder = CACHE / "variants" / variant.name
     record_path = CACHE / "variants" / f"{variant.name}.convert.json"
     flags = variant.flags()
     calibration = wikitext_path("valid")
     if calibration is not None:
         flags += ["--calibration-text", str(calibration)]
+    code = code_key()
     if not reconvert and folder.is_dir() and record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("flags") == flags:
+        if record.get("flags") == flags and record.get("code") == code:
             return folder, {**record, "cached": True}
     folder.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "edgeattn.cli", "convert", "smollm2", "-o", str(folder), "--force", *flags]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
-    record = {"flags": flags, "seconds": round(time.perf_counter() - started, 1), "exit_code": result.returncode}
+    record = {"flags": flags, "code": code, "seconds": round(time.perf_counter() - started, 1),
+              "exit_code": result.returncode}
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
         return None, {**record, "error": lines[-1]}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return folder, {**record, "cached": False}
+
+
+EXPORT_LIBRARIES = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "transformers")
+
+
+def code_key() -> str:
+    """What a converted folder depends on besides its flags: sha256 over every file of the edgeattn package
+    (relative path and bytes; caches of compiled bytecode left out) and the versions of the libraries the
+    exporter runs on. Any edit to the package converts again; a run that only re-renders never does."""
+    digest = hashlib.sha256()
+    package = ROOT / "edgeattn"
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for library in EXPORT_LIBRARIES:
+        try:
+            version = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            version = "absent"
+        digest.update(f"{library}=={version}\0".encode())
+    return digest.hexdigest()
 
 
 def _baseline(name: str, threads: int) -> Candidate:
@@ -248,7 +277,7 @@ def _peak_child(name: str, tokens: str, steps: str, threads: int) -> int:
     return 0
 
 
-# -- the targets of issue 5 ------------------------------------------------------------------
+# -- the targets ----------------------------------------------------------------------------
 
 
 def evaluate_targets(report: dict) -> list[dict]:
@@ -280,6 +309,16 @@ def evaluate_targets(report: dict) -> list[dict]:
     for name in ("window512-sinks4", "hierarchical", "kv-int8"):
         value = ratio(decode(name, 2048), decode(name, 128))
         targets.append(_target(f"{name}: decode at 2048 <= 1.2x its decode at 128", value, 1.2))
+    for context in CONTEXTS:
+        value = ratio(decode("window512-sinks4", context), decode("fp32", 512))
+        targets.append(_target(f"window512-sinks4 decode at {context} <= 1.1x fp32's at 512", value, 1.1))
+    for context in CONTEXTS:
+        value = ratio(decode("board-2gb", context), decode("int4", 512))
+        targets.append(_target(f"board-2gb decode at {context} <= 1.25x int4's at 512", value, 1.25))
+    for name in ("kv-int8", "kv-int4", "kv-int8-token", "kv-int4-token"):
+        for context in (2048, 4096):
+            value = ratio(decode(name, context), decode("fp32", context))
+            targets.append(_target(f"{name} decode <= fp32 cache at {context}", value, 1.0))
     value = ratio(ttft("pytorch-eager", 512), ttft("fp32", 512))
     targets.append(_target("prefill of 512 tokens >= 1.3x faster than PyTorch eager", value, 1.3, at_least=True))
     int4 = by_name.get("int4", {})

@@ -26,7 +26,7 @@ class LayerKVCache:
     positions: torch.Tensor  # [C] long, -1 = empty
 
     @classmethod
-    def empty(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype=torch.float32) -> "LayerKVCache":
+    def empty(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype=torch.float32) -> LayerKVCache:
         shape = (batch, kv_heads, capacity, head_dim)
         return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype),
                    torch.full((capacity,), -1, dtype=torch.long))

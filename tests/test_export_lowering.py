@@ -21,21 +21,21 @@ AUTO_TABLE = [
     ("llama", AttentionSpec(window=16), "cpu", "ort"),  # GQA's local_window_size + window-sized cache
     ("llama", AttentionSpec(kv_cache="int8"), "cpu", "ort"),  # per-channel: GQA's quantized cache
     ("llama", AttentionSpec(kv_cache="int4"), "cpu", "ort"),
-    ("llama", AttentionSpec(kv_cache="int4"), "cuda", "edgeattn"),  # CUDA GQA int4 is prompt-only; onnx: codes
+    ("llama", AttentionSpec(kv_cache="int4"), "cuda", "onnx"),  # CUDA GQA int4 is prompt-only; onnx: decoded codes
     ("llama", AttentionSpec(kv_cache="fp16"), "cpu", "onnx"),  # GQA has no fp16 cache beside fp32
     ("llama", AttentionSpec(kv_heads=1, kv_cache="fp16"), "cpu", "onnx"),
-    ("llama", AttentionSpec(window=16, sinks=4), "cpu", "edgeattn"),
-    ("llama", AttentionSpec(window=16, kv_cache="int8"), "cpu", "edgeattn"),  # GQA quantizes rotated keys
-    ("llama", AttentionSpec(window=16, kv_cache="fp16"), "cpu", "edgeattn"),  # onnx: no ring
-    ("llama", AttentionSpec(kv_cache="int8", kv_quant="per-token"), "cpu", "edgeattn"),
+    ("llama", AttentionSpec(window=16, sinks=4), "cpu", "onnx"),  # sinks: the ring on standard ops
+    ("llama", AttentionSpec(window=16, kv_cache="int8"), "cpu", "onnx"),  # GQA quantizes rotated keys
+    ("llama", AttentionSpec(window=16, kv_cache="fp16"), "cpu", "onnx"),
+    ("llama", AttentionSpec(kv_cache="int8", kv_quant="per-token"), "cpu", "onnx"),  # GQA: per channel only
     ("llama", AttentionSpec(block_size=8, top_blocks=2), "cpu", "edgeattn"),
     ("llama", AttentionSpec(block_size=8, top_blocks=2, sinks=2, kv_cache="int4", kv_quant="per-token"), "cpu",
      "edgeattn"),
-    ("qwen2", AttentionSpec(kv_heads=1, window=16, sinks=4, kv_cache="int8"), "cpu", "edgeattn"),
+    ("qwen2", AttentionSpec(kv_heads=1, window=16, sinks=4, kv_cache="int8"), "cpu", "onnx"),
     ("gpt2", AttentionSpec(), "cpu", "onnx"),  # learned positions: no GQA rotary
     ("gpt2", AttentionSpec(kv_cache="fp16"), "cpu", "onnx"),
-    ("gpt2", AttentionSpec(window=16), "cpu", "edgeattn"),  # onnx would keep the window in a max-length cache
-    ("gpt2", AttentionSpec(kv_cache="int8"), "cpu", "edgeattn"),
+    ("gpt2", AttentionSpec(window=16), "cpu", "onnx"),
+    ("gpt2", AttentionSpec(kv_cache="int8"), "cpu", "onnx"),
 ]
 
 
@@ -54,11 +54,13 @@ def test_auto_picks_the_fastest_exact_lowering(family, spec, provider, expected)
 
 
 @pytest.mark.parametrize(("spec", "op", "expected_op"), [
-    (AttentionSpec(window=8, sinks=2), "auto", "edgeattn.SinkWindowAttention"),
+    (AttentionSpec(window=8, sinks=2), "auto", "Attention"),
+    (AttentionSpec(window=8, sinks=2), "edgeattn", "edgeattn.SinkWindowAttention"),
     (AttentionSpec(block_size=4, top_blocks=2), "auto", "edgeattn.HierarchicalAttention"),
-    (AttentionSpec(kv_cache="int8", kv_quant="per-token"), "auto", "edgeattn.QuantKVAttention"),
+    (AttentionSpec(kv_cache="int8", kv_quant="per-token"), "auto", "Attention"),
+    (AttentionSpec(kv_cache="int8", kv_quant="per-token"), "edgeattn", "edgeattn.QuantKVAttention"),
     (AttentionSpec(), "edgeattn", "edgeattn.QuantKVAttention"),
-    (AttentionSpec(window=8), "onnx", "Attention"),  # asked for explicitly: a window over a max-length cache
+    (AttentionSpec(window=8), "onnx", "Attention"),
     (AttentionSpec(), "auto", "com.microsoft.GroupQueryAttention"),
 ])
 def test_each_layer_gets_the_op_of_its_form(spec, op, expected_op):
@@ -67,8 +69,8 @@ def test_each_layer_gets_the_op_of_its_form(spec, op, expected_op):
 
 
 def test_an_explicit_lowering_that_cannot_represent_the_spec_says_why():
-    spec = AttentionSpec(window=8, sinks=2)
-    with pytest.raises(LoweringError, match=r"^no attention lowering represents this spec exactly: onnx: .*sink"):
+    spec = AttentionSpec(block_size=4, top_blocks=2)
+    with pytest.raises(LoweringError, match=r"^no attention lowering represents this spec exactly: onnx: .*hierarch"):
         choose_lowerings(_rewritten("llama", spec), spec, "onnx", "cpu", MAX_LENGTH)
     with pytest.raises(LoweringError, match="attention op must be one of"):
         choose_lowerings(_rewritten("llama", spec), spec, "fastest", "cpu", MAX_LENGTH)
@@ -85,7 +87,7 @@ def test_manifest_records_the_choice_and_why_the_others_were_not_used(tmp_path):
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
-    (AttentionSpec(), "ort"), (AttentionSpec(kv_cache="fp16"), "onnx"), (AttentionSpec(window=8, sinks=2), "edgeattn")])
+    (AttentionSpec(), "ort"), (AttentionSpec(kv_cache="fp16"), "onnx"), (AttentionSpec(window=8, sinks=2), "onnx")])
 def test_cuda_provider_runs_the_folder_on_device_buffers(tmp_path, spec, expected):
     import onnxruntime as ort
 

@@ -20,9 +20,21 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     """Node counts of the main graph by ``domain.op_type`` (default domain shown bare), sorted by count.
 
     Function bodies are not counted: a custom-domain node is one node however it is implemented.
+    A control-flow node (``If``) adds the nodes of its branches, per op the most that one
+    branch holds: what one step can run (an ``If`` with an ``Attention`` in each branch is one
+    attention per layer).
     """
-    counts = Counter(_op_name(node) for node in model.graph.node)
-    return dict(counts.most_common())
+    return dict(_graph_counts(model.graph).most_common())
+
+
+def _graph_counts(graph: onnx.GraphProto) -> Counter:
+    counts = Counter()
+    for node in graph.node:
+        counts[_op_name(node)] += 1
+        branches = [_graph_counts(attribute.g) for attribute in node.attribute if attribute.type == attribute.GRAPH]
+        for op in {op for branch in branches for op in branch}:
+            counts[op] += max(branch[op] for branch in branches)
+    return counts
 
 
 def check_graph(path: Path, fused_ops: list[str]) -> dict[str, int]:

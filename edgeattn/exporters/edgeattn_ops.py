@@ -45,7 +45,7 @@ def unsupported_reason(spec: AttentionSpec, provider: str, has_rotary: bool) -> 
     return None
 
 
-def lowering_for(attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> "EdgeattnLowering":
+def lowering_for(attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> EdgeattnLowering:
     """The lowering of one layer, by its visibility policy (the rewritten model is the source of truth)."""
     for visibility_type, lowering in _BY_VISIBILITY:
         if isinstance(attn.visibility, visibility_type):
@@ -203,12 +203,14 @@ def attach_functions(model: onnx.ModelProto, lowerings: list) -> int:
             if (function.domain, function.name) in present:
                 continue
             function_opset = {entry.domain: entry.version for entry in function.opset_import}
-            if function_opset.get("", model_opset.get("")) != model_opset.get(""):
+            inlined = getattr(lowering, "inline_functions", False)  # its nodes join the model's opset
+            if not inlined and function_opset.get("", model_opset.get("")) != model_opset.get(""):
                 raise ValueError(f"function {function.name} imports opset {function_opset['']}, "
                                  f"the model {model_opset.get('')}")
             model.functions.append(function)
             present.add((function.domain, function.name))
             added += 1
-    if added and DOMAIN not in model_opset:
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, edgeattn_functions.VERSION))
+            if function.domain not in model_opset:  # the domain of the nodes that call it
+                model.opset_import.append(onnx.helper.make_opsetid(function.domain, edgeattn_functions.VERSION))
+                model_opset[function.domain] = edgeattn_functions.VERSION
     return added

@@ -10,6 +10,7 @@ import torch
 from edgeattn.exporters.edgeattn_ops import attach_functions
 from edgeattn.exporters.graph import ExportGraph
 from edgeattn.exporters.norms import choose_norm_fusion, drop_unused_skip_norm_outputs
+from edgeattn.exporters.onnx_ring_function import inline_all_functions
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "uint8": torch.uint8}
 
@@ -63,5 +64,7 @@ def export_graph(decoder, lowerings: list, path: Path, norm_fusion: str | None =
     model = onnx.load(str(path), load_external_data=False)
     changed = drop_unused_skip_norm_outputs(model)
     if attach_functions(model, lowerings) or changed:
+        if any(getattr(lowering, "inline_functions", False) for lowering in lowerings):
+            model = inline_all_functions(model)
         onnx.save(model, str(path))  # the weights stay in path.data, which the proto still points to
     return model

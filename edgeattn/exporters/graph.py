@@ -24,7 +24,6 @@ fusion (``edgeattn.exporters.norms``), residual add + RMSNorm as one
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgeattn.exporters.norms import SKIP, STANDARD, norm, skip_rms_norm
@@ -46,28 +45,34 @@ class ExportGraph(nn.Module):
             positions = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
             x = x + decoder.pos_embed(positions)[None]
         blocks = self.fused_blocks if self.norm_fusion == SKIP else self.plain_blocks
-        last, presents = blocks(x, attention_mask, past)
+        last, presents = blocks(x, attention_mask, past, self._step(input_ids.shape[1], attention_mask))
         return (decoder.lm_head(last), *presents)
 
-    def plain_blocks(self, x, attention_mask, past):
+    def _step(self, length, attention_mask) -> dict:
+        """Keyword arguments of every layer's ``attend``: the per-step tensors a lowering shares across
+        layers (``prepare_step``: positions, masks, RoPE tables), computed once."""
+        prepare = getattr(self.lowerings[0], "prepare_step", None)
+        return {"step": prepare(length, attention_mask)} if prepare is not None else {}
+
+    def plain_blocks(self, x, attention_mask, past, step):
         """Residual adds and norms as separate nodes; returns (final-normed last token, presents)."""
         presents = []
         for index, block in enumerate(self.decoder.blocks):
             attended, present_key, present_value = self.lowerings[index].attend(
-                block.attn, norm(block.attn_norm, x), attention_mask, past[2 * index], past[2 * index + 1])
+                block.attn, norm(block.attn_norm, x), attention_mask, past[2 * index], past[2 * index + 1], **step)
             presents += [present_key, present_value]
             x = x + attended
             x = x + block.mlp(norm(block.mlp_norm, x))
         return norm(self.decoder.final_norm, x[:, -1:]), presents  # logits of the last new token only
 
-    def fused_blocks(self, x, attention_mask, past):
+    def fused_blocks(self, x, attention_mask, past, step):
         """Each residual add fused with the norm after it; the final one on the last token only."""
         blocks = self.decoder.blocks
         presents = []
         residual, normed = x, norm(blocks[0].attn_norm, x)
         for index, block in enumerate(blocks):
             attended, present_key, present_value = self.lowerings[index].attend(
-                block.attn, normed, attention_mask, past[2 * index], past[2 * index + 1])
+                block.attn, normed, attention_mask, past[2 * index], past[2 * index + 1], **step)
             presents += [present_key, present_value]
             normed, residual = skip_rms_norm(block.mlp_norm, attended, residual)
             update = block.mlp(normed)

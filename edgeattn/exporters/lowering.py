@@ -4,12 +4,15 @@ Three lowerings, fastest first; ``auto`` takes the first that represents the spe
 exactly on the provider:
 
 * ``ort``: onnxruntime's fused ``com.microsoft.GroupQueryAttention`` (``ort_gqa``);
-* ``onnx``: the standard ``Attention`` op (``onnx_attention``);
-* ``edgeattn``: edgeattn's own ops with ONNX function bodies (``edgeattn_ops``); it
-  represents every spec, so ``auto`` always finds one.
+* ``onnx``: standard ONNX ops, ``Attention`` over a max-length cache (``onnx_attention``,
+  int8/int4 codes decoded per step by ``onnx_quant_cache``) or over a constant-memory ring
+  for a window, sinks and any cache precision included (``onnx_ring``);
+* ``edgeattn``: edgeattn's own ops with ONNX function bodies (``edgeattn_ops``): the
+  reference semantics; it represents every spec (hierarchical attention only it), so
+  ``auto`` always finds one.
 
-``auto`` also skips a lowering that would keep a windowed spec in a max-length cache
-(``onnx``): a window is asked for to get constant memory.
+``auto`` also skips a lowering that would keep a windowed spec in a max-length cache: a
+window is asked for to get constant memory (every lowering here keeps a ring today).
 
 Measured decode ms/token (SmolLM2-135M, identity spec, fp32 weights, max_length 2048,
 onnxruntime 1.32 CPU, 1 thread, median of interleaved runs on a shared, loaded 2-core
@@ -22,13 +25,16 @@ machine; two sessions half an hour apart):
     1000 + 32 (3)                   103    113    123
 
 The weights dominate at short context (ort and onnx tie within noise there); the gap
-grows with the context, hence the order above.
+grows with the context, hence the order. For the forms ``ort`` cannot take (sinks, a
+window with a quantized or fp16 cache, per-token caches) ``onnx`` is faster than the
+``edgeattn`` bodies, which rotate every cached key in ~30 small ops per step: see
+``benchmarks/speed_findings.md``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from edgeattn.errors import EdgeattnError
 from edgeattn.exporters import edgeattn_ops, onnx_attention, ort_gqa
@@ -49,7 +55,7 @@ class _Lowering:
 # Fastest first (see the module docstring for the measurement).
 _PREFERENCE = (
     _Lowering(ort_gqa.NAME, ort_gqa.unsupported_reason, ort_gqa.GroupQueryAttentionLowering, ring=True),
-    _Lowering(onnx_attention.NAME, onnx_attention.unsupported_reason, onnx_attention.AttentionLowering, ring=False),
+    _Lowering(onnx_attention.NAME, onnx_attention.unsupported_reason, onnx_attention.lowering_for, ring=True),
     _Lowering(edgeattn_ops.NAME, edgeattn_ops.unsupported_reason, edgeattn_ops.lowering_for, ring=True),
 )
 

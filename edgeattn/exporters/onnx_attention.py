@@ -1,4 +1,7 @@
-"""Lowering to standard ONNX ops only: ``Attention`` (opset 24; 25 for a window), RoPE by ``RotaryEmbedding``.
+"""Lowering to standard ONNX ops only: ``Attention`` (opset 24), RoPE by ``RotaryEmbedding``.
+
+A window (with or without sinks) leaves as the constant-memory ring of ``onnx_ring``;
+this module covers full caches.
 
 Dimension legend: B batch, L new tokens, H query heads, Hkv kv heads, D head dim,
 C cache capacity (max_length), P cached tokens before this step, T = P + L.
@@ -20,9 +23,7 @@ from outside the op. One layer, one step::
 Measured with onnxruntime 1.32 (CPU EP, checked against a numpy reference):
 
 * Attention-24 and -25 run; -25's ``left_window_size`` is exact (with ``nonpad_kv_seqlen``
-  too), so a window without sinks is represented over the max-length cache (opset 25
-  then). It is not a constant-memory ring, which is why ``auto`` does not pick this
-  lowering for windowed specs.
+  too), but it would keep a window in a max-length cache, so windows go to the ring.
 * The CPU kernel scores all C rows when given ``nonpad_kv_seqlen`` (decode at T ~ 100
   of one SmolLM2-sized layer, 9 heads / 3 kv heads / D 64: 0.35 ms at C = 2048 vs
   0.06 ms at C = 256), hence the ``Slice`` to T rows first (0.05 ms at either C): a
@@ -33,10 +34,7 @@ Measured with onnxruntime 1.32 (CPU EP, checked against a numpy reference):
 
 Represented exactly: full causal attention, any number of kv heads, RoPE or learned
 positions, an fp32 or fp16 cache (Q and K must share a type, so fp16 rows are cast to
-fp32 after the slice; the PyTorch model rounds them to fp16 likewise), a window without
-sinks (RoPE scores depend only on distances, so absolute positions give the ring's
-numbers). Not represented (``unsupported_reason``): sinks, hierarchical selection,
-int8/int4 caches, and a window with an fp16 cache and RoPE (the ring rounds unrotated keys).
+fp32 after the slice; the PyTorch model rounds them to fp16 likewise).
 """
 
 from __future__ import annotations
@@ -45,11 +43,13 @@ import torch
 from torch import nn
 
 from edgeattn.attention import EdgeAttention
+from edgeattn.exporters.onnx_quant_cache import QuantCacheLowering
+from edgeattn.exporters.onnx_ring import CodecRingLowering, RingAttentionLowering
 from edgeattn.spec import AttentionSpec
+from edgeattn.visibility import SinkWindowVisibility
 
 NAME = "onnx"
 OPSET = 24  # TensorScatter, Attention's nonpad_kv_seqlen
-WINDOW_OPSET = 25  # Attention's left_window_size
 _CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -57,15 +57,18 @@ def unsupported_reason(spec: AttentionSpec, provider: str, has_rotary: bool) -> 
     """Why this lowering cannot represent ``spec`` exactly, or None when it can."""
     if spec.hierarchical:
         return "hierarchical block selection has no standard ONNX op"
-    if spec.sinks:
-        return ("the standard Attention op has no sink tokens (edgeattn's ring sees them from in-cache "
-                "StreamingLLM positions)")
-    if spec.kv_cache not in _CACHE_DTYPES:
-        return f"the standard Attention op reads float caches only, not {spec.kv_cache} codes"
-    if spec.window is not None and spec.kv_cache == "fp16" and has_rotary:
-        return ("a window's ring rounds unrotated keys to fp16, this lowering's cache would round rotated keys "
-                "(not the same numbers)")
     return None
+
+
+def lowering_for(attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> nn.Module:
+    """The layer's lowering: the ring (``onnx_ring``) for a window, else Attention over a max-length cache
+    of floats (below) or of int8/int4 codes (``onnx_quant_cache``)."""
+    if isinstance(attn.visibility, SinkWindowVisibility):
+        ring = RingAttentionLowering if attn.codec.dtype == "fp32" else CodecRingLowering
+        return ring(attn, spec, max_length)
+    if attn.codec.quantized:
+        return QuantCacheLowering(attn, spec, max_length)
+    return AttentionLowering(attn, spec, max_length)
 
 
 class AttentionLowering(nn.Module):
@@ -79,8 +82,7 @@ class AttentionLowering(nn.Module):
         super().__init__()
         self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.capacity = max_length
-        self.window = spec.window
-        self.opset = WINDOW_OPSET if spec.window is not None else OPSET
+        self.opset = OPSET
         self.cache_dtype = _CACHE_DTYPES[attn.codec.dtype]
         self.has_rotary = attn.rotary is not None
         if self.has_rotary:
@@ -96,10 +98,7 @@ class AttentionLowering(nn.Module):
                 "ring": False, "max_positions": self.capacity}
 
     def attributes(self) -> dict:
-        attrs = {"is_causal": 1, "scale": self.head_dim**-0.5}
-        if self.window is not None:
-            attrs["left_window_size"] = self.window - 1  # the window counts the query itself
-        return attrs
+        return {"is_causal": 1, "scale": self.head_dim**-0.5}
 
     def attend(self, attn: EdgeAttention, h: torch.Tensor, attention_mask: torch.Tensor,
                past_key: torch.Tensor, past_value: torch.Tensor):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from edgeattn.attention import EdgeAttention
+from edgeattn.exporters.packed_qkv import packed_qkv
 from edgeattn.spec import AttentionSpec
 
 NAME = "ort"
@@ -74,14 +75,9 @@ class GroupQueryAttentionLowering(nn.Module):
         if self.codec_bits is not None:
             self.register_buffer("k_scale", attn.codec.k_scale.reshape(1, self.kv_heads, 1, self.head_dim).clone())
             self.register_buffer("v_scale", attn.codec.v_scale.reshape(1, self.kv_heads, 1, self.head_dim).clone())
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        # Stored as [hidden, (H + 2*Hkv)*D], the layout MatMul reads, so the graph holds it as a plain
-        # initializer (no Transpose for the weight quantizer to look through).
-        self.register_buffer("qkv_weight_T", torch.cat([proj.weight.detach() for proj in projections]).T.contiguous())
-        has_bias = any(proj.bias is not None for proj in projections)
-        self.register_buffer("qkv_bias", torch.cat([
-            proj.bias.detach() if proj.bias is not None else proj.weight.new_zeros(proj.out_features)
-            for proj in projections]) if has_bias else None)
+        weight, bias = packed_qkv(attn)
+        self.register_buffer("qkv_weight_T", weight)
+        self.register_buffer("qkv_bias", bias)
 
     def cache_layout(self) -> dict:
         """How the runtime allocates past_key/past_value for this layer."""
