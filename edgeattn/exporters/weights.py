@@ -9,6 +9,11 @@
   an untied embedding is quantized by the quantizer at 4 bits and stays fp32 at 8.
 * fp16: weights are stored in fp16 and cast to fp32 when the session loads them: half the
   disk size, fp32 compute (CPU execution providers have no fast fp16 matmul).
+* From a GGUF source, int4 / int8 first carry the file's own quantized blocks into the graph
+  wherever a weight is exactly a GGUF tensor (``edgeattn.exporters.gguf_weights``): no second
+  rounding. Only what is left (rewritten weights, types with no exact form at that width) goes
+  to the quantizer. ``source`` keeps each GGUF tensor at its own width (Q4 types 4-bit, Q5/Q6/Q8
+  8-bit) and leaves everything else in float.
 """
 
 from __future__ import annotations
@@ -21,45 +26,88 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgeattn.errors import InvalidOptionError
+from edgeattn.exporters.gguf_weights import ACCURACY_LEVEL, CARRIED, CarryReport, carry_gguf_blocks
 
-WEIGHT_DTYPES = ("fp32", "fp16", "int8", "int4")
+WEIGHT_DTYPES = ("fp32", "fp16", "int8", "int4", "source")
 DEFAULT_BLOCK_SIZE = 32
+MATMUL_NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)  # what onnxruntime's quantizer (MLAS) accepts
 _MIN_FP16_ELEMENTS = 1024  # small tensors (norm weights, scales) stay fp32
 
 
-def quantize_weights(path: Path, weights: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
-    """Rewrite the model at ``path`` (external data beside it) to ``weights`` precision, in place."""
+def check_weights_option(weights: str, gguf: Path | None) -> None:
+    """Refuse a precision this source cannot have, before any long work."""
     if weights not in WEIGHT_DTYPES:
         raise InvalidOptionError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}; got {weights!r}")
+    if weights == "source" and gguf is None:
+        raise InvalidOptionError("--weights source keeps a GGUF's own quantization: the model must be a .gguf file "
+                                 "(or smollm2); use int4/int8 for other sources")
+
+
+def quantize_weights(path: Path, weights: str, block_size: int = DEFAULT_BLOCK_SIZE, gguf: Path | None = None) -> dict:
+    """Rewrite the model at ``path`` (external data beside it) to ``weights`` precision, in place.
+
+    ``gguf``: the GGUF file the model was read from, whose blocks are carried where they match.
+    Returns what the manifest's ``weights`` records beyond the request: for a GGUF source the
+    precision reached (``dtype``) and, per weight, which path it took (``gguf``).
+    """
+    check_weights_option(weights, gguf)
     if weights == "fp32":
-        return
+        return {}
     model = onnx.load(str(path))
+    record = {}
     if weights == "fp16":
         model = _fp16_storage(model)
     else:
-        bits = 4 if weights == "int4" else 8
-        tied = _materialize_transposed_weights(model)
-        # GatherBlockQuantized reads MatMulNBits codes as [vocab, blocks, block]: whole blocks only.
-        tied = {head: source for head, source in tied.items() if _hidden_size(model, source) % block_size == 0}
-        model = _matmul_nbits(model, bits, block_size, quantize_gather=bits == 4 and not tied)
-        _share_tied_embeddings(model, tied)
+        carried = carry_gguf_blocks(model, gguf, weights) if gguf is not None else None
+        tied = {}
+        if weights != "source":
+            bits = 4 if weights == "int4" else 8
+            tied = _materialize_transposed_weights(model)
+            # GatherBlockQuantized reads MatMulNBits codes as [vocab, blocks, block]: whole blocks only.
+            tied = {head: source for head, source in tied.items() if _hidden_size(model, source) % block_size == 0}
+            model = _matmul_nbits(model, bits, block_size, quantize_gather=bits == 4 and not tied,
+                                  exclude=carried.helper_nodes if carried else ())
+            _share_tied_embeddings(model, tied)
+        if carried is not None:
+            record = _gguf_record(carried, weights, set(tied.values()))
     for stale in path.parent.glob(path.name + ".data"):
         stale.unlink()
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=path.name + ".data", size_threshold=1024)
+    return record
 
 
-def _matmul_nbits(model: onnx.ModelProto, bits: int, block_size: int, quantize_gather: bool) -> onnx.ModelProto:
+def _gguf_record(carried: CarryReport, weights: str, shared_tables: set[str]) -> dict:
+    """The manifest's view of a GGUF source: the precision reached and each weight's path.
+
+    A weight not carried was re-quantized by onnxruntime's quantizer (int4/int8: symmetric, the
+    requested block size), reads a tied LM head's re-quantized codes (its embedding), or stayed float
+    (``source``, and an untied embedding at 8 bits, as without a GGUF).
+    """
+    for record in carried.records:
+        if record["path"] != CARRIED:
+            if weights == "source" or (record["op"] == "Gather" and weights == "int8"
+                                       and record["weight"] not in shared_tables):
+                record["path"] = "float"
+            else:
+                record["path"] = "requantized"
+    bits = {record["bits"] for record in carried.records if record["path"] == CARRIED}
+    dtype = weights if weights != "source" else ("int4" if 4 in bits else "int8" if bits else "fp32")
+    return {"dtype": dtype, "requested": weights, "gguf": {**carried.summary(), "weights": carried.records}}
+
+
+def _matmul_nbits(model: onnx.ModelProto, bits: int, block_size: int, quantize_gather: bool,
+                  exclude=()) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     # The quantizer logs two INFO lines per node (hundreds for a real model); convert shows its own progress.
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     config = DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, accuracy_level=4, bits=bits,
+        block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits,
         op_types_to_quantize=("MatMul", "Gather") if quantize_gather else ("MatMul",),
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), algo_config=config)
     quantizer.process()
     return quantizer.model.model
 

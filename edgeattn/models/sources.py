@@ -100,17 +100,17 @@ def _load_folder(path: Path) -> HFSource:
     _refuse_checkpoint_code(path)
     try:
         config = AutoConfig.from_pretrained(path, **NO_CODE)
-    except Exception as error:  # noqa: BLE001 - transformers raises many types for a bad config
+    except Exception as error:
         raise ModelLoadError(f"{path}/config.json: cannot be read ({error})") from error
     adapter_for(config)  # unsupported architectures fail before any weight is read
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, use_safetensors=True, dtype="float32", attn_implementation="eager", **NO_CODE)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise ModelLoadError(f"{path}: weights cannot be loaded ({_first_line(error)})") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **NO_CODE)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise ModelLoadError(f"{path}: tokenizer cannot be loaded ({_first_line(error)})") from error
     return HFSource(model.eval(), tokenizer.backend_tokenizer, getattr(tokenizer, "chat_template", None),
                     str(path), _sha256_files(weights))
@@ -128,7 +128,7 @@ def _load_gguf(path: Path, display_name: str) -> HFSource:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **NO_CODE)
     except UnsupportedModelError:
         raise
-    except Exception as error:  # noqa: BLE001 - gguf/transformers raise many types for a bad file
+    except Exception as error:
         raise ModelLoadError(f"{path}: GGUF file cannot be loaded ({_first_line(error)})") from error
     # transformers refuses save_pretrained while the GGUF quantization config is attached;
     # the weights are already dequantized to float32, so it no longer describes them.
