@@ -1,7 +1,12 @@
-"""Calibration text: the package's own small default, or a file the user gives.
+"""The texts edgeattn reads: the package's own defaults, or a file the user gives.
 
-WikiText-2 (``../shared/data``) is used by tests and benchmarks where it exists;
-it is never shipped. ``wikitext_path`` finds it, or returns None so callers can skip.
+Two short texts ship in ``edgeattn/data`` (prose written for edgeattn, under its license):
+``calibration.txt`` calibrates rewrites (and gives golden.npz and validate their prompts);
+``evaluation.txt`` (about 2,500 SmolLM2 tokens) is what ``quality`` scores by default,
+never used to calibrate. WikiText-2 (``../shared/data``) is used by tests and benchmarks
+where it exists; it is never shipped. ``wikitext_path`` finds it, or returns None so
+callers can skip; ``EDGEATTN_WIKITEXT_DIR`` names the only folder to look in, so a
+missing folder hides it (a user's machine).
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ def default_calibration_text() -> str:
     return resources.files("edgeattn").joinpath("data/calibration.txt").read_text(encoding="utf-8")
 
 
+def default_evaluation_text() -> str:
+    """Held-out prose to score perplexity on: long enough for 2 windows of 1024 SmolLM2 tokens."""
+    return resources.files("edgeattn").joinpath("data/evaluation.txt").read_text(encoding="utf-8")
+
+
 def read_text(path: str | Path | None) -> str:
     """The text of ``path``, or the packaged default calibration text when None."""
     if path is None:
@@ -29,7 +39,10 @@ def read_text(path: str | Path | None) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration text {path} does not exist")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidOptionError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
 def calibration_ids(tokenizer, text_path: str | Path | None = None,
@@ -42,10 +55,16 @@ def calibration_ids(tokenizer, text_path: str | Path | None = None,
 
 
 def wikitext_path(split: str) -> Path | None:
-    """``valid`` or ``test`` split of WikiText-2 in ../shared/data, or None when absent."""
-    roots = [Path(os.environ[WIKITEXT_ENV])] if WIKITEXT_ENV in os.environ else []
-    here = Path(__file__).resolve().parent.parent
-    roots += [here.parent / "shared/data/wikitext-2", Path.cwd().parent / "shared/data/wikitext-2"]
+    """``valid`` or ``test`` split of WikiText-2, or None when absent.
+
+    Looked for in $EDGEATTN_WIKITEXT_DIR only when it is set (``/nonexistent`` hides it),
+    else in ../shared/data/wikitext-2 beside the repository or the working directory.
+    """
+    if WIKITEXT_ENV in os.environ:
+        roots = [Path(os.environ[WIKITEXT_ENV])]
+    else:
+        here = Path(__file__).resolve().parent.parent
+        roots = [here.parent / "shared/data/wikitext-2", Path.cwd().parent / "shared/data/wikitext-2"]
     for root in roots:
         path = root / f"{split}.txt"
         if path.is_file():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 
-from edgeattn.calibration import calibration_ids, read_text
+from edgeattn.calibration import calibration_ids, default_evaluation_text, read_text
 from edgeattn.models import load
-from edgeattn.quality import perplexity, text_ids
+from edgeattn.progress import Progress, report, reports_progress
+from edgeattn.quality import check_windows, choose_windows, perplexity, text_ids
 from edgeattn.rewrites import RewriteReport, rewrite
 from edgeattn.spec import AttentionSpec
 
@@ -20,20 +21,38 @@ def summarize(report: RewriteReport) -> list[str]:
     return [f"{line} [{count} layers]" for line, count in counts.items()]
 
 
+@reports_progress
 def quality_report(model_name: str, spec: AttentionSpec, *, text_path=None, calibration_text=None,
-                   context: int = 512, max_windows: int | None = 4) -> dict:
+                   context: int = 512, max_windows: int | None = 4, progress: Progress | None = None) -> dict:
+    """Perplexity of ``model_name`` before and after ``spec`` on ``text_path`` (default: the packaged
+    evaluation text), over ``max_windows`` windows of ``context`` tokens, or what the text holds
+    (``notes`` says so)."""
+    check_windows(context, max_windows)
+    text = read_text(text_path) if text_path is not None else default_evaluation_text()
+    read_text(calibration_text)  # a missing or non-UTF-8 calibration text fails now, not after scoring
+    report(f"loading {model_name}")
     model = load(model_name)
-    ids = text_ids(model.tokenizer, read_text(text_path))
-    original = perplexity(model.decoder, ids, context, max_windows)
+    ids = text_ids(model.tokenizer, text)
+    windows = choose_windows(ids.numel(), context, max_windows)
+    notes = [windows.note] if windows.note else []
+    if spec.window is not None and windows.context <= spec.window + spec.sinks:
+        notes.append(f"context {windows.context} <= window {spec.window} + {spec.sinks} sinks: the window never "
+                     "drops a token here, so its cost is not measured (score a longer context)")
+    original = perplexity(model.decoder, ids, windows.context, windows.count,
+                          progress=lambda done, total: report("scoring the original model", done, total))
     original_kv = model.decoder.kv_bytes_per_token()
     rewritten_model = copy.deepcopy(model.decoder)
     changes = rewrite(rewritten_model, spec, calibration_ids(model.tokenizer, calibration_text))
-    after = perplexity(rewritten_model, ids, context, max_windows)
+    after = perplexity(rewritten_model, ids, windows.context, windows.count,
+                       progress=lambda done, total: report("scoring the rewritten model", done, total))
     return {
         "model": model.name,
         "spec": spec.to_dict(),
-        "context": context,
+        "text": str(text_path) if text_path is not None else "packaged evaluation text",
+        "context": windows.context,
+        "windows": windows.count,
         "tokens": original.tokens,
+        "notes": notes,
         "original": {"ppl": original.ppl, "kv_bytes_per_token": original_kv},
         "rewritten": {"ppl": after.ppl, "kv_bytes_per_token": rewritten_model.kv_bytes_per_token()},
         "ppl_delta_relative": after.ppl / original.ppl - 1.0,

@@ -30,7 +30,6 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -41,9 +40,17 @@ from edgeattn.errors import EdgeattnError, InvalidOptionError
 from edgeattn.manifest import read_manifest
 from edgeattn.metrics import compare_greedy, compare_logits, sqnr_from_energies
 from edgeattn.models import load
+from edgeattn.progress import Progress, report, reports_progress
 from edgeattn.rewrites import rewrite
-from edgeattn.runtimes.golden import (Golden, check_room, load_providers, provider_comparisons, read_golden,
-                                      run_runtime, write_golden)
+from edgeattn.runtimes.golden import (
+    Golden,
+    check_room,
+    load_providers,
+    provider_comparisons,
+    read_golden,
+    run_runtime,
+    write_golden,
+)
 from edgeattn.spec import AttentionSpec
 from edgeattn.thresholds import default_bounds, faithfulness_precision, user_bounds
 from edgeattn.validation_report import build_report, comparison
@@ -52,6 +59,7 @@ DEFAULT_PROMPTS, DEFAULT_PREFILL, DEFAULT_STEPS, DEFAULT_GREEDY_TOKENS = 2, 32, 
 # golden.npz: small enough to ship in every folder (SmolLM2: 2 x 8 rows x 49152 logits = 3 MB).
 GOLDEN_PROMPTS, GOLDEN_PREFILL, GOLDEN_STEPS, GOLDEN_GREEDY_TOKENS = 2, 16, 7, 16
 PACKAGED = "packaged"
+GOLDEN_STEP = "writing golden logits for on-device checks"
 
 
 class ValidateError(EdgeattnError, ValueError):
@@ -79,28 +87,29 @@ class ValidateOptions:
         user_bounds(self.bounds)  # unknown keys fail here, before anything is loaded
 
 
-def validate(options: ValidateOptions, progress: Callable[[str], None] = lambda step: None) -> dict:
+@reports_progress
+def validate(options: ValidateOptions, progress: Progress = lambda step, done=None, total=None: None) -> dict:
     """Run ``options.folder`` in onnxruntime and compare it with the PyTorch models; returns the report."""
     started = time.perf_counter()
     manifest = read_manifest(options.folder)
     check_room(manifest, options.prefill, options.steps, options.greedy_tokens)
+    spec = AttentionSpec.from_dict(manifest["spec"])
+    calibration = _calibration_text(manifest, spec, options.calibration_text)
     lms = load_providers(options.folder, options.providers, options.threads)
     progress(f"loading {options.reference or manifest['source']['model']}")
     original = _load_reference(manifest, options.reference)
     ids_PT = _text_ids(original.tokenizer, options)
-    spec = AttentionSpec.from_dict(manifest["spec"])
-    progress("rebuilding the rewritten model" + ("" if spec.is_identity else " (rewriting attention)"))
-    calibration = _calibration_text(manifest, spec, options.calibration_text)
+    progress("rebuilding the rewritten model")
     rewritten = copy.deepcopy(original.decoder)
     rewrite(rewritten, spec, calibration_ids(original.tokenizer, calibration) if _needs_calibration(spec) else None)
+    progress("checking the rebuilt model against golden.npz")
     reference_check = _check_rebuild(options.folder, manifest, rewritten)
 
-    progress("running the PyTorch models")
     with torch.no_grad(), _SqnrProbes(rewritten) as probes:
-        rewritten_rows = _teacher_forced(rewritten, ids_PT, options.prefill)
+        rewritten_rows = _teacher_forced(rewritten, ids_PT, options.prefill, "running the rewritten PyTorch model")
     kv_sqnr = probes.metrics() if manifest["kv_cache"]["codec"] != "fp32" else {}
     with torch.no_grad():
-        original_rows = _teacher_forced(original.decoder, ids_PT, options.prefill)
+        original_rows = _teacher_forced(original.decoder, ids_PT, options.prefill, "running the original PyTorch model")
 
     targets_R = ids_PT[:, options.prefill:].reshape(-1)
     faithful = default_bounds(*faithfulness_precision(manifest), options.bounds)
@@ -109,6 +118,7 @@ def validate(options: ValidateOptions, progress: Callable[[str], None] = lambda 
     for name, lm in lms.items():
         progress(f"running onnxruntime ({name})")
         runs[name] = logits, streams = run_runtime(lm, ids_PT, options.prefill, options.greedy_tokens)
+        progress(f"scoring onnxruntime's ({name}) greedy tokens with the PyTorch models")
         with torch.no_grad():
             rewritten_greedy = _greedy_argmax(rewritten, ids_PT, options.prefill, streams)
             original_greedy = _greedy_argmax(original.decoder, ids_PT, options.prefill, streams)
@@ -131,9 +141,13 @@ def validate(options: ValidateOptions, progress: Callable[[str], None] = lambda 
 # -- what convert records ------------------------------------------------------------------
 
 def calibration_record(path: Path | None) -> dict:
-    """The manifest's ``calibration``: which text calibrated the rewrite, so validate can rebuild it."""
+    """The manifest's ``calibration``: which text calibrated the rewrite, so validate can rebuild it.
+
+    A user's text is recorded by file name and sha256, never by its path: a shipped folder must not
+    reveal where it was built, and validate asks for the text again (``--calibration-text``).
+    """
     text = read_text(path)
-    return {"text": PACKAGED if path is None else str(Path(path).resolve()), "sha256": _sha256(text),
+    return {"text": PACKAGED if path is None else Path(path).name, "sha256": _sha256(text),
             "max_tokens": DEFAULT_CALIBRATION_TOKENS}
 
 
@@ -147,15 +161,22 @@ def write_convert_golden(folder: Path, decoder, tokenizer, max_length: int) -> s
     ids_PT = np.array([ids[k * length:(k + 1) * length] for k in range(GOLDEN_PROMPTS)], dtype=np.int64)
     with torch.no_grad():
         logits = _teacher_forced(decoder, ids_PT, prefill)
-        streams = [_greedy_pytorch(decoder, list(ids[:prefill]), greedy) for ids in ids_PT]
+        streams = [_greedy_pytorch(decoder, list(ids[:prefill]), greedy, (k * greedy, len(ids_PT) * greedy))
+                   for k, ids in enumerate(ids_PT)]
     return write_golden(folder, Golden(ids_PT, prefill, logits, np.array(streams, dtype=np.int64)))
 
 
 # -- PyTorch side ---------------------------------------------------------------------------
 
-def _teacher_forced(decoder, ids_PT: np.ndarray, prefill: int) -> np.ndarray:
-    """Next-token logits [P, S + 1, V] after ``prefill + s`` tokens, one causal pass per prompt."""
-    return np.stack([decoder(torch.from_numpy(ids[None, :-1]))[0, prefill - 1:].float().numpy() for ids in ids_PT])
+def _teacher_forced(decoder, ids_PT: np.ndarray, prefill: int, step: str | None = None) -> np.ndarray:
+    """Next-token logits [P, S + 1, V] after ``prefill + s`` tokens, one causal pass per prompt
+    (reported as ``step``, counting prompts, when given)."""
+    rows = []
+    for ids in ids_PT:
+        rows.append(decoder(torch.from_numpy(ids[None, :-1]))[0, prefill - 1:].float().numpy())
+        if step is not None:
+            report(step, len(rows), len(ids_PT))
+    return np.stack(rows)
 
 
 def _greedy_argmax(decoder, ids_PT: np.ndarray, prefill: int, streams: list[list[int]]) -> list[list[int]]:
@@ -167,10 +188,12 @@ def _greedy_argmax(decoder, ids_PT: np.ndarray, prefill: int, streams: list[list
     return result
 
 
-def _greedy_pytorch(decoder, prompt: list[int], count: int) -> list[int]:
+def _greedy_pytorch(decoder, prompt: list[int], count: int, tokens: tuple[int, int]) -> list[int]:
+    """``count`` greedy tokens after ``prompt``; ``tokens`` (done before, total) counts them for progress."""
     sequence = list(prompt)
-    for _ in range(count):
+    for index in range(count):
         sequence.append(int(decoder(torch.tensor([sequence]))[0, -1].argmax()))
+        report(GOLDEN_STEP, tokens[0] + index + 1, tokens[1])
     return sequence[len(prompt):]
 
 
@@ -181,7 +204,7 @@ class _SqnrProbes:
         self.attentions = decoder.attentions()
         self.probes = [_SqnrProbe(attn.codec) for attn in self.attentions]
 
-    def __enter__(self) -> "_SqnrProbes":
+    def __enter__(self) -> _SqnrProbes:
         for attn, probe in zip(self.attentions, self.probes):
             attn.codec = probe
         return self
@@ -233,22 +256,29 @@ def _needs_calibration(spec: AttentionSpec) -> bool:
 
 
 def _calibration_text(manifest: dict, spec: AttentionSpec, override: Path | None) -> Path | None:
-    """The calibration text convert used (None: the packaged one), refused when gone or changed."""
-    if override is not None or not _needs_calibration(spec):
+    """The calibration text convert used (None: the packaged one), refused when missing or not the same text.
+
+    The manifest names a user's text by file name and sha256 only, so that text must be given again.
+    """
+    if not _needs_calibration(spec):
         return override
     record = manifest.get("calibration")
     if not record:
+        if override is not None:
+            return override
         raise ValidateError("the manifest does not record which calibration text convert used "
                             "(converted by an older edgeattn); pass --calibration-text FILE")
-    path = None if record["text"] == PACKAGED else Path(record["text"])
-    if path is not None and not path.is_file():
-        raise ValidateError(f"calibration text {path} (recorded by convert) is not available here; "
-                            "pass --calibration-text FILE")
-    if _sha256(read_text(path)) != record["sha256"]:
-        source = "the packaged calibration text" if path is None else f"calibration text {path}"
-        raise ValidateError(f"{source} changed since convert (sha256 differs from the manifest's); "
-                            "pass --calibration-text FILE with the text convert used")
-    return path
+    used = "the packaged text" if record["text"] == PACKAGED else f"{record['text']} (sha256 {record['sha256'][:12]})"
+    if override is None and record["text"] != PACKAGED:
+        raise ValidateError(f"convert calibrated on {used}, which is not available here: "
+                            "pass that file with --calibration-text FILE")
+    if _sha256(read_text(override)) != record["sha256"]:
+        if override is None:
+            raise ValidateError("the packaged calibration text changed since convert (sha256 differs from the "
+                                "manifest's); pass --calibration-text FILE with the text convert used")
+        raise ValidateError(f"calibration text {override} differs from the one convert exported with ({used}): "
+                            "pass that text with --calibration-text FILE")
+    return override
 
 
 def _check_rebuild(folder: Path, manifest: dict, rewritten) -> dict | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgeattn import progress
 from edgeattn.rewrites import gqa, hierarchical, kv_quant, window
 from edgeattn.rewrites._swap import LayerChange, RewriteError
 from edgeattn.spec import AttentionSpec
@@ -24,6 +25,8 @@ ORDER = (
     (hierarchical.NAME, hierarchical.applies, hierarchical.enable_hierarchical),
     (kv_quant.NAME, kv_quant.applies, kv_quant.quantize_kv_cache),
 )
+STEPS = {gqa.NAME: "merging KV heads", window.NAME: "sliding window + sinks",
+         hierarchical.NAME: "hierarchical attention", kv_quant.NAME: "quantizing the KV cache"}  # progress lines
 
 __all__ = ["ORDER", "RewriteError", "RewriteReport", "rewrite"]
 
@@ -50,7 +53,8 @@ def rewrite(model, spec: AttentionSpec, calibration: torch.Tensor | None = None)
     KV scales); see ``edgeattn.calibration.calibration_ids``.
     """
     report = RewriteReport(spec)
-    for _name, applies, apply in ORDER:
+    for name, applies, apply in ORDER:
         if applies(spec):
+            progress.report(f"rewriting attention: {STEPS[name]}")
             report.changes.extend(apply(model, spec, calibration))
     return report

@@ -56,8 +56,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from edgeattn.progress import report
 from edgeattn.rewrites._swap import LayerChange, RewriteError, for_each_attention
 from edgeattn.rewrites.gqa import NAME, set_kv_projections
 from edgeattn.spec import AttentionSpec
@@ -74,6 +74,10 @@ OUTPUT_REFIT_RIDGE = 0.1  # relative ridge of the W_o refit, towards the closed-
 UPTRAIN_LR = 5e-4
 UPTRAIN_WINDOW = 512
 UPTRAIN_BF16 = True  # autocast the forward passes to bf16
+
+# Progress lines; the fit's is the step edgeattn.rewrites.rewrite announces, now with a layer count.
+FIT_STEP = "rewriting attention: merging KV heads"
+DISTIL_STEP = "rewriting attention: distilling the merged KV heads"
 
 
 def calibrated_merge(model, spec: AttentionSpec, calibration: torch.Tensor | None) -> list[LayerChange]:
@@ -109,14 +113,18 @@ def _merge_during_forward(model, ids: torch.Tensor, target: int) -> list[LayerCh
     done: dict[int, str] = {}
     handles = []
 
+    layers = len(model.attentions())
+
     def arm(index, attn) -> str:
         def hook(module, args):
             done[index] = _fit_layer(module, args, target)
+            report(FIT_STEP, len(done), layers)
 
         handles.append(attn.register_forward_pre_hook(hook))
         return "armed"
 
     armed = for_each_attention(model, NAME, arm)
+    report(FIT_STEP, 0, layers)
     try:
         with torch.no_grad():
             model(ids)
@@ -319,9 +327,9 @@ def _distil(student, teacher, calibration: torch.Tensor, steps: int) -> None:
         p.requires_grad_(id(p) in chosen)
     optimizer = torch.optim.AdamW(trainable, lr=UPTRAIN_LR, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    report(DISTIL_STEP, 0, steps)
     try:
-        progress = tqdm(range(steps), desc="gqa distillation", unit="step")
-        for step in progress:
+        for step in range(steps):
             ids = windows[step % len(windows)][None]  # [1, L]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=UPTRAIN_BF16):
                 with torch.no_grad():
@@ -332,7 +340,7 @@ def _distil(student, teacher, calibration: torch.Tensor, steps: int) -> None:
             loss.backward()
             optimizer.step()
             schedule.step()
-            progress.set_postfix(kl=f"{loss.item():.4f}")
+            report(DISTIL_STEP, step + 1, steps)
     finally:
         optimizer.zero_grad(set_to_none=True)
         for p, flag in flags:
