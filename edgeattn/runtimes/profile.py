@@ -33,9 +33,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -45,8 +46,10 @@ from edgeattn.errors import InvalidOptionError
 from edgeattn.manifest import read_manifest
 from edgeattn.runtimes import roofline
 from edgeattn.runtimes.bandwidth import measure_read_bandwidth
+from edgeattn.runtimes.emulation import detect_emulation
 from edgeattn.runtimes.ops_profile import ProfilingSession, top_ops
-from edgeattn.runtimes.peak_memory import METHOD as MEMORY_METHOD, measure_peak_rss
+from edgeattn.runtimes.peak_memory import METHOD as MEMORY_METHOD
+from edgeattn.runtimes.peak_memory import measure_peak_rss
 from edgeattn.runtimes.session import PROVIDERS, EdgeLM
 from edgeattn.runtimes.targets import Target
 
@@ -397,7 +400,7 @@ def _derive(report: dict, target: Target | None) -> None:
                 row["roofline_ratio"] = _sig(median / row["roofline_ms"])
             if target is not None:
                 row["target_roofline_ms"] = _sig(roofline.bound_ms(bytes_read, target.bandwidth_gb_per_s))
-                if "roofline_ratio" in row:
+                if "roofline_ratio" in row and not report["machine"]["emulation"]:
                     row["target_projected_ms"] = _sig(row["target_roofline_ms"] * row["roofline_ratio"])
         if entry is not first:
             _ratios(entry, first)
@@ -423,11 +426,11 @@ def _describe(model: _Model, fit: dict | None) -> dict:
 def _new_report(options: ProfileOptions, provider: str, threads: int, threads_from: str) -> dict:
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "edgeattn_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "complete": False,
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
                     "memory_bytes": _physical_memory(), "onnxruntime": ort.__version__,
-                    "bandwidth": None, "memory_method": MEMORY_METHOD},
+                    "bandwidth": None, "memory_method": MEMORY_METHOD, "emulation": detect_emulation()},
         "settings": {"provider": provider, "provider_requested": options.provider, "threads": threads,
                      "threads_from": threads_from, "repeats": options.repeats,
                      "load_repeats": min(options.repeats, MAX_LOAD_REPEATS), "warmup": options.warmup,
@@ -440,7 +443,7 @@ def _new_report(options: ProfileOptions, provider: str, threads: int, threads_fr
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _available_provider(provider: str) -> str:
     """"cuda" without a CUDA build of onnxruntime runs on CPU (said once here, not at every load)."""
     if PROVIDERS[provider] in ort.get_available_providers():

@@ -18,6 +18,11 @@ SCHEMA_PATH = Path(__file__).with_name("profile.schema.json")  # the JSON Schema
 PROJECTION_NOTE = ("target columns are a PROJECTION, not a measurement: the bytes each token reads "
                    "(weights + KV) over the target's peak memory bandwidth (bound), and that bound times "
                    "this machine's measured/bound ratio (projected)")
+EMULATION_NOTE = ("EMULATED: {reason}. Load, first-token and decode times, the bandwidth and the roofline "
+                  "ratios are the emulator's, not this CPU's: they are not timings, and none is projected onto a "
+                  "target. Disk size, KV bytes and the target's memory check hold; peak RSS includes the "
+                  "emulator's own memory")
+_NOT_TIMINGS = " (EMULATED: not timings)"
 
 
 class PlotUnavailableError(EdgeattnError, ImportError):
@@ -101,6 +106,9 @@ def _render(report: dict, table, heading, note) -> list[str]:
         lines.append(f"target: {target['name']} ({target['description']}): {target['cores']}, "
                      f"{human_bytes(target['memory_bytes'])} memory (budget {human_bytes(target['budget_bytes'])}), "
                      f"{target['bandwidth_gb_per_s']} GB/s peak bandwidth")
+    emulation = machine.get("emulation")
+    if emulation:
+        lines.append(EMULATION_NOTE.format(reason=emulation))
     if not report["complete"]:
         lines.append(f"INTERRUPTED during: {report.get('interrupted_during', '?')} (partial results)")
     lines = [note(line) for line in lines]
@@ -108,11 +116,11 @@ def _render(report: dict, table, heading, note) -> list[str]:
     lines += [heading("Models"), table(*_model_rows(report, several))]
     prefill = _prefill_rows(report, several)
     if prefill[1]:
-        lines += [heading("Time to first token"), table(*prefill)]
+        lines += [heading("Time to first token" + _NOT_TIMINGS * bool(emulation)), table(*prefill)]
     lines += [note(line) for line in _skipped(report, "prefill", "prompt_tokens", "prompt of {} tokens")]
     decode = _decode_rows(report, several)
     if decode[1]:
-        lines += [heading("Decode"), table(*decode)]
+        lines += [heading("Decode" + _NOT_TIMINGS * bool(emulation)), table(*decode)]
         if target:
             lines += ["", note(PROJECTION_NOTE)]
     lines += [note(line) for line in _skipped(report, "decode", "context", "decode at {} tokens")]
