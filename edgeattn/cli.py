@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 
 import click
 
 from edgeattn import __version__
 
-EXIT_OK, EXIT_THRESHOLD, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_THRESHOLD, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class InputError(click.ClickException):
@@ -26,18 +27,87 @@ class ThresholdError(click.ClickException):
 
 
 def _input_errors(command):
-    """Turn the project's own input errors into one-line CLI errors (exit 2)."""
+    """Turn the project's own input errors and file-system errors into one-line CLI errors (exit 2),
+    and Ctrl-C into one line and exit 130."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from edgeattn.errors import EdgeattnError
+        from edgeattn.user_paths import FILESYSTEM_ERRNOS, describe_os_error
 
         try:
             return command(*args, **kwargs)
         except (EdgeattnError, FileNotFoundError) as error:
-            raise InputError(str(error)) from error
+            raise InputError(_one_line(str(error))) from error
+        except OSError as error:
+            if error.errno not in FILESYSTEM_ERRNOS:
+                raise
+            raise InputError(_one_line(describe_os_error(error))) from error
+        except KeyboardInterrupt:
+            click.echo("edgeattn: interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+def _one_line(message: str) -> str:
+    """Messages that quote other libraries (transformers' are paragraphs) condensed to one line."""
+    return " ".join(message.split())
+
+
+def _text_file(context, parameter, value):
+    """Option callback: a text the command will read exists and is UTF-8, checked before anything loads."""
+    if value is not None:
+        from edgeattn.user_paths import UserPathError, check_text_file
+
+        try:
+            check_text_file(value, parameter.opts[-1])
+        except UserPathError as error:
+            raise InputError(str(error)) from error
+    return value
+
+
+def _writable_file(context, parameter, value):
+    """Option callback: a report file the command will write can be created ('-' is stdout)."""
+    if value is not None and value != "-":
+        from edgeattn.user_paths import UserPathError, check_writable
+
+        try:
+            check_writable(value, parameter.opts[-1])
+        except UserPathError as error:
+            raise InputError(str(error)) from error
+    return value
+
+
+def _thread_count(context, parameter, value):
+    """Option callback: 1 to this machine's core count (more threads only contend, and each costs memory)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if value is not None and value < 1:
+        raise InputError(f"--threads must be >= 1, got {value} (leave it out for the default)")
+    if value is not None and value > cores:
+        raise InputError(f"--threads {value} is more than this machine's {cores} cores, the limit "
+                         "(leave it out for the default)")
+    return value
+
+
+def _at_least(least: int):
+    """Option callback factory: a whole number >= ``least``, refused in one line."""
+
+    def check(context, parameter, value):
+        if value is not None and value < least:
+            raise InputError(f"{parameter.opts[-1]} must be >= {least}, got {value}")
+        return value
+
+    return check
+
+
+class _EchoHandler(logging.Handler):
+    """The library's log messages (e.g. what a killed run left and was cleaned) as lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"edgeattn: {record.getMessage()}", err=True)
 
 
 def spec_options(command):
@@ -45,7 +115,8 @@ def spec_options(command):
     options = [
         click.option("--kv-heads", type=int, help="Merge KV heads into N groups (GQA; 1 = MQA)."),
         click.option("--gqa-method", type=click.Choice(["calibrated", "mean"]), default="calibrated", show_default=True),
-        click.option("--uptrain-steps", type=int, default=0, show_default=True, help="Distillation steps after a calibrated merge."),
+        click.option("--uptrain-steps", type=int, default=0, show_default=True,
+                     help="Distillation steps after a calibrated merge."),
         click.option("--window", type=int, help="Sliding window: attend to the last W tokens (ring-buffer cache)."),
         click.option("--sinks", type=int, default=0, show_default=True, help="Always attend to the first S tokens."),
         click.option("--block-size", type=int, help="Hierarchical attention: block size B."),
@@ -77,7 +148,8 @@ def _spec_from(kwargs, recipe_spec: dict | None = None):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeattn")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Also show other libraries' warnings, logs and progress bars.")
+def main(verbose: bool) -> None:
     """edgeattn: rewrite a language model's attention for phones and boards, export it, run it.
 
     \b
@@ -87,6 +159,13 @@ def main() -> None:
       edgeattn convert smollm2 -o out/ --kv-heads 1 --kv-cache int8 --weights int4
       edgeattn generate out/ "The capital of France is"
     """
+    if not verbose:
+        from edgeattn.console import quiet_other_libraries
+
+        quiet_other_libraries()
+    library = logging.getLogger("edgeattn")
+    if not any(isinstance(handler, _EchoHandler) for handler in library.handlers):
+        library.addHandler(_EchoHandler())
 
 
 @main.command()
@@ -114,10 +193,13 @@ def models(as_json: bool) -> None:
 @main.command()
 @click.argument("model")
 @spec_options
-@click.option("--text", "text_path", type=click.Path(dir_okay=False), help="Text to score (default: packaged calibration text).")
-@click.option("--calibration-text", type=click.Path(dir_okay=False), help="Text for calibrated steps (default: packaged text).")
+@click.option("--text", "text_path", type=click.Path(dir_okay=False), callback=_text_file,
+              help="Text to score (default: the packaged evaluation text, ~2,500 SmolLM2 tokens).")
+@click.option("--calibration-text", type=click.Path(dir_okay=False), callback=_text_file,
+              help="Text for calibrated steps (default: packaged text).")
 @click.option("--context", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
-@click.option("--max-windows", type=int, default=4, show_default=True, help="Windows to score at most.")
+@click.option("--max-windows", type=int, default=4, show_default=True,
+              help="Windows to score at most (fewer, or one shorter window, when the text is shorter; said so).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 @_input_errors
 def quality(model, text_path, calibration_text, context, max_windows, as_json, **spec_kwargs) -> None:
@@ -130,8 +212,9 @@ def quality(model, text_path, calibration_text, context, max_windows, as_json, *
     from edgeattn.quality_report import quality_report
 
     spec = _spec_from(spec_kwargs)
-    report = quality_report(model, spec, text_path=text_path, calibration_text=calibration_text,
-                            context=context, max_windows=max_windows)
+    report = _with_progress(lambda progress: quality_report(
+        model, spec, text_path=text_path, calibration_text=calibration_text, context=context,
+        max_windows=max_windows, progress=progress), quiet=as_json)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -142,14 +225,19 @@ def quality(model, text_path, calibration_text, context, max_windows, as_json, *
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
 @spec_options
-@click.option("--weights", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True)
+@click.option("--weights", type=click.Choice(["fp32", "fp16", "int8", "int4", "source"]), default="fp32", show_default=True,
+              help="From a GGUF, int4/int8 carry its own blocks where they map exactly; source keeps each GGUF "
+                   "tensor at its own precision.")
 @click.option("--weights-block-size", type=int, default=32, show_default=True,
               help="Block size of int4/int8 weight quantization (MatMulNBits).")
 @click.option("--attention-op", type=click.Choice(["auto", "ort", "onnx", "edgeattn"]), default="auto", show_default=True)
-@click.option("--max-length", type=int, default=2048, show_default=True, help="KV-cache capacity in tokens (full caches).")
+@click.option("--max-length", type=int, help="KV-cache capacity in tokens (full caches). "
+              "[default: 2048, or the model's position limit when smaller]")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--calibration-text", type=click.Path(dir_okay=False), help="Text for calibrated steps (default: packaged text).")
-@click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe with [spec] and [convert] tables.")
+@click.option("--calibration-text", type=click.Path(dir_okay=False), callback=_text_file,
+              help="Text for calibrated steps (default: packaged text).")
+@click.option("--recipe", type=click.Path(dir_okay=False), callback=_text_file,
+              help="TOML recipe with [spec] and [convert] tables.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 @_input_errors
@@ -164,7 +252,8 @@ def convert(model, output, weights, weights_block_size, attention_op, max_length
     """
     from pathlib import Path
 
-    from edgeattn.convert import ConvertOptions, NumericsError, convert as run_convert
+    from edgeattn.convert import DEFAULT_MAX_LENGTH, ConvertOptions, NumericsError
+    from edgeattn.convert import convert as run_convert
     from edgeattn.recipe import read_recipe
 
     tables = read_recipe(recipe) if recipe else {}
@@ -177,16 +266,23 @@ def convert(model, output, weights, weights_block_size, attention_op, max_length
         if context.get_parameter_source(flag) != click.core.ParameterSource.COMMANDLINE:
             flags[name] = value
     options = ConvertOptions(model, Path(output), spec, force=force,
-                             **{**flags, "calibration_text": Path(flags["calibration_text"]) if flags["calibration_text"] else None})
+                             **{**flags,
+                                "calibration_text": Path(flags["calibration_text"]) if flags["calibration_text"] else None})
+    from edgeattn.user_paths import reporting_write_errors
+
     try:
-        manifest = _with_progress(lambda progress: run_convert(options, progress), quiet=as_json)
+        with reporting_write_errors(output):
+            manifest = _with_progress(lambda progress: run_convert(options, progress), quiet=as_json)
     except NumericsError as error:
         raise ThresholdError(str(error)) from error
-    summary = _convert_summary(Path(output), manifest)
+    summary = _convert_summary(Path(output), manifest, max_length_given=flags["max_length"] is not None)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         summary["numerics"] = _numerics_line(summary["numerics"])
+        if summary.pop("max_length_source") == "the model's position limit":
+            summary["max_length"] = (f"{summary['max_length']} (the model's position limit; "
+                                     f"the default {DEFAULT_MAX_LENGTH} is beyond it)")
         for key, value in summary.items():
             click.echo(f"  {key:<22} {value}")
 
@@ -206,64 +302,93 @@ def _numerics_line(numerics: dict) -> str:
 
 
 def _with_progress(work, quiet: bool):
-    if quiet:
-        return work(lambda step: None)
-    from rich.console import Console
+    """``work(progress)`` with its progress on stderr (edgeattn.console), or none when ``quiet``."""
+    from edgeattn.console import ProgressDisplay
 
-    console = Console(stderr=True)
-    with console.status("starting") as status:
-        def progress(step: str) -> None:
-            console.log(step)
-            status.update(step)
-
+    with ProgressDisplay(quiet) as progress:
         return work(progress)
 
 
-def _convert_summary(output, manifest: dict) -> dict:
+def _convert_summary(output, manifest: dict, max_length_given: bool) -> dict:
+    from edgeattn.convert import DEFAULT_MAX_LENGTH
+
     size = sum(path.stat().st_size for path in output.iterdir() if path.is_file())
     kv = manifest["kv_cache"]
+    max_length = manifest["model"]["max_length"]
+    source = ("--max-length" if max_length_given else "default" if max_length == DEFAULT_MAX_LENGTH
+              else "the model's position limit")
     return {
         "output": str(output), "size_mb": round(size / 1e6, 1), "weights": manifest["weights"]["dtype"],
-        "lowering": f"{manifest['lowering']['per_layer'][0]} ({manifest['lowering']['op']}) x {len(manifest['lowering']['per_layer'])} layers",
+        "max_length": max_length, "max_length_source": source,
+        "lowering": (f"{manifest['lowering']['per_layer'][0]} ({manifest['lowering']['op']})"
+                     f" x {len(manifest['lowering']['per_layer'])} layers"),
         "kv_cache": f"{kv['codec']} {'ring' if kv['ring'] else 'full'} buffer, capacity {kv['capacity']}",
         "kv_bytes_per_token": kv["bytes_per_token"], "kv_mb_at_capacity": round(kv["bytes_at_capacity"] / 1e6, 2),
         "numerics": manifest["numerics"],
+        **({"gguf_blocks": _gguf_line(manifest["weights"]["gguf"])} if "gguf" in manifest["weights"] else {}),
     }
+
+
+def _gguf_line(gguf: dict) -> str:
+    from edgeattn.exporters.gguf_weights import describe
+
+    return describe(gguf)
 
 
 @main.command()
 @click.argument("folder", type=click.Path())
 @click.argument("prompt")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, callback=_at_least(1))
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice).")
+@click.option("--threads", type=int, callback=_thread_count,
+              help="onnxruntime intra-op threads, 1 to the core count (default: onnxruntime's choice).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, help="Sampling seed (reproducible output).")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user turn of the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, token ids and timings as JSON.")
+@click.option("--verify", is_flag=True, help="First check every file against the sha256 in FOLDER's manifest.")
 @_input_errors
-def generate(folder, prompt, max_new_tokens, provider, threads, temperature, top_k, top_p, seed, chat, as_json) -> None:
+def generate(folder, prompt, max_new_tokens, provider, threads, temperature, top_k, top_p, seed, chat, as_json,
+             verify) -> None:
     """Generate text from an exported FOLDER with onnxruntime (no PyTorch needed).
 
     \b
     Example:
       edgeattn generate out/ "The capital of France is" --max-new-tokens 32
       edgeattn generate out/ "Write a haiku about the sea" --chat --temperature 0.7 --seed 1 --json
+      edgeattn generate out/ "Hello" --verify    # first check the files against their recorded sha256
     """
     from edgeattn.runtimes import EdgeLM, Generation, SamplingConfig, stream
 
-    lm = EdgeLM.load(folder, provider=provider, threads=threads)
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(f"the prompt is not valid UTF-8 (character {error.start}): pass text in UTF-8") from None
     config = SamplingConfig(temperature, top_k, top_p, seed)
+    lm = EdgeLM.load(folder, provider=provider, threads=threads, verify=verify)
     text = lm.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
     result = Generation(lm.encode(text))
     printed = ""
-    for _ in stream(lm, result.prompt_tokens, max_new_tokens, config, result=result):
-        if not as_json:
-            decoded = lm.decode(result.tokens)
-            click.echo(decoded[len(printed):], nl=False)
-            printed = decoded
+    try:
+        for _ in stream(lm, result.prompt_tokens, max_new_tokens, config, result=result):
+            if not as_json:
+                decoded = lm.decode(result.tokens)
+                click.echo(decoded[len(printed):], nl=False)
+                printed = decoded
+    except KeyboardInterrupt:
+        result.stop = "interrupted"
+        _print_generation(lm, result, as_json)
+        raise
+    _print_generation(lm, result, as_json)
+    if result.stop == "cache_full" and not as_json:
+        click.echo(f"edgeattn: stopped: KV cache full ({lm.kv['capacity']} tokens); convert with a larger "
+                   "--max-length, or a --window for constant memory", err=True)
+
+
+def _print_generation(lm, result, as_json: bool) -> None:
+    """What was generated: the JSON of it, or the end of the streamed line."""
     result.text = lm.decode(result.tokens)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -274,7 +399,8 @@ def generate(folder, prompt, max_new_tokens, provider, threads, temperature, top
 @main.command()
 @click.argument("folders", nargs=-1, required=True, type=click.Path())
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: the target's, else this machine's cores).")
+@click.option("--threads", type=int, callback=_thread_count,
+              help="onnxruntime intra-op threads, 1 to the core count (default: the target's, else all cores).")
 @click.option("--prompt-lengths", default="128,512", show_default=True, help="Prompt lengths for time to first token.")
 @click.option("--contexts", default="128,512,2048,4096", show_default=True,
               help="Contexts for decode ms/token (the cache is filled to each).")
@@ -284,9 +410,11 @@ def generate(folder, prompt, max_new_tokens, provider, threads, temperature, top
                                "(an unknown name lists them; docs/profile.md gives their sources).")
 @click.option("--max-length", type=int, help="KV length for the target's memory check (default: each folder's own).")
 @click.option("--ops", is_flag=True, help="Add the top operators of decode from onnxruntime's profiler.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON (docs/profile.md).")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Write the report as markdown.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), callback=_writable_file,
+              help="Write the report as JSON (docs/profile.md).")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), callback=_writable_file,
+              help="Write the report as markdown.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=_writable_file,
               help="Plot decode ms/token vs context to a PNG (needs matplotlib).")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @_input_errors
@@ -304,7 +432,8 @@ def profile(folders, provider, threads, prompt_lengths, contexts, repeats, warmu
       edgeattn profile fp32/ int4/ --contexts 128,512,2048 --threads 2 --markdown r.md --ops
     """
     from edgeattn.runtimes import profile_report
-    from edgeattn.runtimes.profile import ProfileOptions, profile as run_profile
+    from edgeattn.runtimes.profile import ProfileOptions
+    from edgeattn.runtimes.profile import profile as run_profile
     from edgeattn.runtimes.targets import get_target
 
     if plot_path:
@@ -315,31 +444,44 @@ def profile(folders, provider, threads, prompt_lengths, contexts, repeats, warmu
         target=get_target(target) if target else None, max_length=max_length, ops=ops)
     report = run_profile(list(folders), options, progress=None if quiet else lambda line: click.echo(line, err=True))
     click.echo(profile_report.render_text(report))
+    from edgeattn.user_paths import reporting_write_errors
+
     if json_path:
-        profile_report.write_json(report, json_path)
+        with reporting_write_errors(json_path):
+            profile_report.write_json(report, json_path)
     if markdown_path:
-        profile_report.write_atomic(markdown_path, profile_report.render_markdown(report) + "\n")
+        with reporting_write_errors(markdown_path):
+            profile_report.write_atomic(markdown_path, profile_report.render_markdown(report) + "\n")
     if plot_path:
-        profile_report.write_plot(report, plot_path)
+        with reporting_write_errors(plot_path):
+            profile_report.write_plot(report, plot_path)
     if not report["complete"]:
         click.echo("edgeattn: interrupted; the partial results above were written", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _token_counts(text: str, flag: str) -> tuple[int, ...]:
-    """'128,512' -> (128, 512); ranges are checked by ProfileOptions."""
+    """'128,512' -> (128, 512); ranges are checked by ProfileOptions. A list that names nothing is refused."""
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise InputError(f"{flag} takes comma-separated whole numbers of tokens, got {text!r}") from None
+    if not counts:
+        raise InputError(f"{flag} names no token count ({text!r}): give at least one, e.g. {flag} 128")
+    return counts
 
 
 def _print_quality(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    table = Table(title=f"{report['model']}: perplexity over {report['tokens']} tokens (context {report['context']})")
+    console = Console(highlight=False)
+    windows = f"{report['windows']} window{'s' * (report['windows'] > 1)}"
+    console.print(f"{report['model']}: {windows} of {report['context']} tokens of the {report['text']} "
+                  f"({report['tokens']} scored)", soft_wrap=True)
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+    table = Table()
     for column in ("model", "ppl", "delta", "KV bytes/token"):
         table.add_column(column, justify="right" if column != "model" else "left")
     table.add_row("original", f"{report['original']['ppl']:.3f}", "", str(report["original"]["kv_bytes_per_token"]))
@@ -368,19 +510,23 @@ def _threshold_options(command):
 @click.option("--golden", is_flag=True, help="Check against FOLDER's golden.npz only: no PyTorch needed (phones, boards).")
 @click.option("--provider", "providers", multiple=True, type=click.Choice(["cpu", "cuda"]),
               help="onnxruntime provider (default: cpu); repeat it to compare providers with each other too.")
-@click.option("--text", "text_path", type=click.Path(dir_okay=False), help="Text to compare on (default: packaged calibration text).")
-@click.option("--calibration-text", type=click.Path(dir_okay=False),
+@click.option("--text", "text_path", type=click.Path(dir_okay=False), callback=_text_file,
+              help="Text to compare on (default: packaged calibration text).")
+@click.option("--calibration-text", type=click.Path(dir_okay=False), callback=_text_file,
               help="Calibration text of the rewrite (default: the one convert recorded).")
 @click.option("--prompts", type=int, help="Prompts cut from the text. [default: 2]")
 @click.option("--prefill", type=int, help="Tokens each prompt gives at once. [default: 32]")
 @click.option("--steps", type=int, help="Teacher-forced single-token decode steps per prompt. [default: 64]")
 @click.option("--greedy-tokens", type=int, help="Greedy tokens generated per prompt. [default: 32]")
-@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice).")
+@click.option("--threads", type=int, callback=_thread_count,
+              help="onnxruntime intra-op threads, 1 to the core count (default: onnxruntime's choice).")
 @_threshold_options
-@click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe; its [validate] table sets the same keys.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
+@click.option("--recipe", type=click.Path(dir_okay=False), callback=_text_file,
+              help="TOML recipe; its [validate] table sets the same keys.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), callback=_writable_file,
               help="Write the report as JSON to FILE ('-': stdout, no table); schema in docs/validate.md.")
-@click.option("--junit-xml", "junit_path", type=click.Path(dir_okay=False), help="Write one JUnit test case per metric.")
+@click.option("--junit-xml", "junit_path", type=click.Path(dir_okay=False), callback=_writable_file,
+              help="Write one JUnit test case per metric.")
 @_input_errors
 def validate(folder, reference, golden, providers, text_path, calibration_text, prompts, prefill, steps, greedy_tokens,
              threads, recipe, json_path, junit_path, **thresholds) -> None:
@@ -396,19 +542,22 @@ def validate(folder, reference, golden, providers, text_path, calibration_text, 
       edgeattn validate out/ --max-ppl-delta 0.05 --min-top1 0.9 --provider cpu --provider cuda
       edgeattn validate out/ --golden          # on the device: needs only `pip install edgeattn`
     """
-    import time
     from pathlib import Path
 
     from edgeattn.recipe import read_recipe
+    from edgeattn.thresholds import user_bounds
+    from edgeattn.user_paths import check_text_file, reporting_write_errors
 
     settings = {"prompts": prompts, "prefill": prefill, "steps": steps, "greedy_tokens": greedy_tokens,
                 "text": text_path, **thresholds}
     context = click.get_current_context()
-    for key, value in (read_recipe(recipe).get("validate", {}) if recipe else {}).items():
+    recipe_table = read_recipe(recipe).get("validate", {}) if recipe else {}
+    for key, value in recipe_table.items():
         flag = "text_path" if key == "text" else key
         if context.get_parameter_source(flag) != click.core.ParameterSource.COMMANDLINE:
             settings[key] = value
     bounds = {key: settings.pop(key) for key in thresholds if settings[key] is not None}
+    user_bounds(bounds)  # NaN, infinite or negative bounds are refused before anything loads
     lengths = {key: value for key, value in settings.items() if value is not None}
     providers = tuple(providers) or ("cpu",)
     if golden:
@@ -419,18 +568,22 @@ def validate(folder, reference, golden, providers, text_path, calibration_text, 
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
             raise InputError(f"--golden takes its inputs from golden.npz; {', '.join(given)} do not apply")
+        replayed = sorted(key for key in recipe_table if key not in thresholds)
+        if replayed:
+            raise InputError(f"--golden replays the prompts and steps stored in golden.npz; recipe {recipe} sets "
+                             f"[validate] {', '.join(replayed)}: remove them, or validate without --golden")
         report = validate_golden(folder, providers, bounds, threads)
     else:
-        from edgeattn.validate import ValidateOptions, validate as run_validate
+        from edgeattn.validate import ValidateOptions
+        from edgeattn.validate import validate as run_validate
 
         if "text" in lengths:
-            lengths["text"] = Path(lengths["text"])
+            where = "--text" if text_path else f"recipe {recipe}: [validate] text"
+            lengths["text"] = check_text_file(lengths["text"], where)
         options = ValidateOptions(Path(folder), providers, reference,
                                   calibration_text=Path(calibration_text) if calibration_text else None,
                                   bounds=bounds, threads=threads, **lengths)
-        started = time.perf_counter()
-        report = run_validate(options, progress=lambda step: click.echo(
-            f"edgeattn: [{time.perf_counter() - started:6.1f} s] {step}", err=True))
+        report = _with_progress(lambda progress: run_validate(options, progress=progress), quiet=json_path == "-")
     from edgeattn.validation_report import write_json, write_junit
 
     if json_path == "-":
@@ -438,9 +591,11 @@ def validate(folder, reference, golden, providers, text_path, calibration_text, 
     else:
         _print_validate(report)
         if json_path:
-            write_json(report, json_path)
+            with reporting_write_errors(json_path):
+                write_json(report, json_path)
     if junit_path:
-        write_junit(report, junit_path)
+        with reporting_write_errors(junit_path):
+            write_junit(report, junit_path)
     context.exit(report["exit_code"])
 
 

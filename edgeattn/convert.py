@@ -11,10 +11,11 @@ place only when every step (both numerics checks included) passed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -28,17 +29,22 @@ from edgeattn.errors import InvalidOptionError
 from edgeattn.exporters.checks import check_graph, fused_op_name
 from edgeattn.exporters.export import PAST_NAME, PRESENT_NAME, export_graph, model_opset
 from edgeattn.exporters.genai_config import genai_config
-from edgeattn.exporters.lowering import choose_lowerings
+from edgeattn.exporters.lowering import ATTENTION_OPS, choose_lowerings
 from edgeattn.exporters.norms import choose_norm_fusion
-from edgeattn.exporters.weights import DEFAULT_BLOCK_SIZE, quantize_weights
-from edgeattn.manifest import write_manifest
+from edgeattn.exporters.tokenizer_config import write_tokenizer_config
+from edgeattn.exporters.weights import DEFAULT_BLOCK_SIZE, MATMUL_NBITS_BLOCK_SIZES, check_weights_option, quantize_weights
+from edgeattn.manifest import file_hashes, write_manifest
 from edgeattn.models import load
+from edgeattn.models.sources import gguf_file
 from edgeattn.output_folder import atomic_folder, check_destination
+from edgeattn.progress import Progress, reports_progress
 from edgeattn.quality_report import summarize
 from edgeattn.rewrites import rewrite
+from edgeattn.runtimes.session import PROVIDERS
 from edgeattn.spec import AttentionSpec
 from edgeattn.thresholds import WEIGHT_BOUNDS
-from edgeattn.validate import calibration_record, write_convert_golden
+from edgeattn.user_paths import check_text_file, check_writable
+from edgeattn.validate import GOLDEN_STEP, calibration_record, write_convert_golden
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -65,29 +71,29 @@ class ConvertOptions:
     weights: str = "fp32"
     block_size: int = DEFAULT_BLOCK_SIZE
     attention_op: str = "auto"
-    max_length: int = DEFAULT_MAX_LENGTH
+    max_length: int | None = None  # None: DEFAULT_MAX_LENGTH, or the model's learned positions when fewer
     provider: str = "cpu"
     force: bool = False
     calibration_text: Path | None = None
 
 
-def convert(options: ConvertOptions, progress: Callable[[str], None] = lambda step: None) -> dict:
+@reports_progress
+def convert(options: ConvertOptions, progress: Progress = lambda step, done=None, total=None: None) -> dict:
     """Convert ``options.model`` into the folder ``options.output``; returns the manifest."""
-    if options.max_length < 2:
-        raise InvalidOptionError(f"max_length must be >= 2, got {options.max_length}")
-    check_destination(options.output, options.force)
+    _check_options(options)
+    gguf = gguf_file(options.model)
+    check_weights_option(options.weights, gguf)
+    check_destination(options.output, options.force, keep=(options.model,))
+    check_writable(options.output, "output folder")
     progress(f"loading {options.model}")
     model = load(options.model)
     decoder = model.decoder
-    if options.max_length > decoder.config.max_position_embeddings and decoder.config.positions == "learned":
-        raise InvalidOptionError(f"max_length {options.max_length} exceeds the model's "
-                         f"{decoder.config.max_position_embeddings} learned positions")
-    progress("rewriting attention" + (" (calibrating)" if not options.spec.is_identity else ""))
+    options = _resolve_max_length(options, decoder.config, progress)
     report = rewrite(decoder, options.spec, calibration_ids(model.tokenizer, options.calibration_text))
     choice = choose_lowerings(decoder, options.spec, options.attention_op, options.provider, options.max_length)
     lowerings = choice.layers
     norm_fusion = choose_norm_fusion(decoder, lowerings)
-    with atomic_folder(options.output, options.force) as staging:
+    with atomic_folder(options.output, options.force, keep=(options.model,)) as staging:
         progress("exporting to ONNX")
         path = staging / MODEL_FILE
         export_graph(decoder, lowerings, path, norm_fusion)
@@ -95,11 +101,13 @@ def convert(options: ConvertOptions, progress: Callable[[str], None] = lambda st
         progress("checking the graph")
         histogram = check_graph(path, fused_ops)
         model.tokenizer.save(str(staging / TOKENIZER_FILE))
-        files = {"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}
+        files = {"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE, "tokenizer_config": write_tokenizer_config(
+            staging, model.tokenizer, decoder.config.bos_token_id, list(decoder.config.eos_token_ids),
+            options.max_length, model.chat_template)}
         if model.chat_template:
             (staging / CHAT_TEMPLATE_FILE).write_text(model.chat_template, encoding="utf-8")
             files["chat_template"] = CHAT_TEMPLATE_FILE
-        progress("writing golden logits for on-device checks")
+        progress(GOLDEN_STEP)
         files["golden"] = write_convert_golden(staging, decoder, model.tokenizer, options.max_length)
         manifest = _manifest(model, decoder, options, choice, norm_fusion, histogram, files, summarize(report))
         manifest["calibration"] = calibration_record(options.calibration_text)  # validate rebuilds the rewrite
@@ -108,16 +116,51 @@ def convert(options: ConvertOptions, progress: Callable[[str], None] = lambda st
         numerics = {"export": _check_export(*_compare(staging, decoder, model, options), options)}
         if options.weights != "fp32":
             progress(f"quantizing weights to {options.weights}")
-            quantize_weights(path, options.weights, options.block_size)
+            manifest["weights"].update(quantize_weights(path, options.weights, options.block_size, gguf))
             manifest["op_histogram"] = check_graph(path, fused_ops)
             write_manifest(staging, manifest)
             progress(f"checking the {options.weights} weights against PyTorch")
-            numerics["weights"] = _check_weights(*_compare(staging, decoder, model, options), options.weights)
+            numerics["weights"] = _check_weights(*_compare(staging, decoder, model, options), manifest["weights"]["dtype"])
         manifest["numerics"] = {"passed": True, **numerics}
         write_manifest(staging, manifest)
         if choice.name == "ort":
             (staging / "genai_config.json").write_text(json.dumps(genai_config(manifest), indent=2) + "\n")
+        manifest["sha256"] = file_hashes(staging)  # validate and generate --verify check the files against it
+        write_manifest(staging, manifest)
     return manifest
+
+
+def _check_options(options: ConvertOptions) -> None:
+    """Refuse, before the model loads, every option that cannot work."""
+    for name, value, allowed in (("attention_op", options.attention_op, ATTENTION_OPS),
+                                 ("provider", options.provider, tuple(PROVIDERS))):
+        if value not in allowed:
+            raise InvalidOptionError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    if _not_whole(options.block_size) or options.block_size not in MATMUL_NBITS_BLOCK_SIZES:
+        raise InvalidOptionError(f"block_size must be one of {', '.join(map(str, MATMUL_NBITS_BLOCK_SIZES))} "
+                                 f"(the block sizes of onnxruntime's MatMulNBits); got {options.block_size!r}")
+    if options.max_length is not None and (_not_whole(options.max_length) or options.max_length < 2):
+        raise InvalidOptionError(f"max_length must be a whole number >= 2, got {options.max_length!r}")
+    if options.calibration_text is not None:
+        check_text_file(options.calibration_text, "calibration text")
+
+
+def _not_whole(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _resolve_max_length(options: ConvertOptions, config, progress: Callable[[str], None]) -> ConvertOptions:
+    """The KV capacity: the given one, refused beyond learned positions; by default 2048 or the positions."""
+    limit = config.max_position_embeddings if config.positions == "learned" else None
+    if options.max_length is None:
+        max_length = DEFAULT_MAX_LENGTH if limit is None else min(DEFAULT_MAX_LENGTH, limit)
+        if max_length < DEFAULT_MAX_LENGTH:
+            progress(f"max_length {max_length}: the model's learned positions (the default {DEFAULT_MAX_LENGTH} "
+                     "is beyond them)")
+        return dataclasses.replace(options, max_length=max_length)
+    if limit is not None and options.max_length > limit:
+        raise InvalidOptionError(f"max_length {options.max_length} exceeds the model's {limit} learned positions")
+    return options
 
 
 def _manifest(model, decoder, options: ConvertOptions, choice, norm_fusion, histogram, files, rewrites) -> dict:
@@ -135,7 +178,9 @@ def _manifest(model, decoder, options: ConvertOptions, choice, norm_fusion, hist
                   "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
                   "bos_token_id": config.bos_token_id, "eos_token_ids": list(config.eos_token_ids),
                   "max_length": options.max_length},
-        "weights": {"dtype": options.weights, "block_size": options.block_size if options.weights in ("int4", "int8") else None},
+        # "source" becomes the precision it reaches once the weights are written (the graph is fp32 until then).
+        "weights": {"dtype": "fp32" if options.weights == "source" else options.weights,
+                    "block_size": options.block_size if options.weights in ("int4", "int8") else None},
         "lowering": {"requested": options.attention_op, "provider": options.provider, **choice.to_dict(),
                      "op": fused_op_name(lowerings[0]), "norm_fusion": norm_fusion},
         "files": files,

@@ -108,7 +108,7 @@ class AttentionSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AttentionSpec":
+    def from_dict(cls, data: dict[str, Any]) -> AttentionSpec:
         if not isinstance(data, dict):
             raise SpecError(f"an attention spec is a table of fields, got {data!r}")
         known = {f.name for f in dataclasses.fields(cls)}

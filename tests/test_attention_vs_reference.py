@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from edgeattn.attention import EdgeAttention
 from edgeattn.kv_codec import KVCodec

@@ -127,8 +127,8 @@ def test_optimum_cli_finds_the_edgeattn_exporter(tmp_path):
     optimum_cli = Path(sys.executable).parent / "optimum-cli"  # installed beside this interpreter
     assert optimum_cli.is_file(), "optimum (a convert dependency) should install optimum-cli"
     out = tmp_path / "out"
-    result = subprocess.run([str(optimum_cli), "export", "edgeattn", "tiny-llama", "-o", str(out), "--max-length", "32", "--json"],
-                            capture_output=True, text=True)
+    command = [str(optimum_cli), "export", "edgeattn", "tiny-llama", "-o", str(out), "--max-length", "32", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["numerics"]["passed"]
     assert (out / "edgeattn.json").is_file()

@@ -224,7 +224,8 @@ def converted_weights(tmp_path_factory):
     def get(weights: str):
         if weights not in cache:
             folder = tmp_path_factory.mktemp(f"weights-{weights}") / "out"
-            options = ConvertOptions("tiny-llama", folder, WEIGHTS_SPEC, weights=weights, max_length=MAX_LENGTH)
+            options = ConvertOptions("tiny-llama", folder, WEIGHTS_SPEC, weights=weights, attention_op="edgeattn",
+                                     max_length=MAX_LENGTH)
             manifest = convert(options)
             cache[weights] = (folder, manifest)
         return cache[weights]
@@ -272,15 +273,16 @@ def _rewritten(family: str, spec: AttentionSpec):
 
 
 @pytest.mark.parametrize(("flags", "spec", "op"), [
-    (["--window", "8", "--sinks", "2", "--kv-cache", "int4", "--kv-quant", "per-token"],
+    (["--window", "8", "--sinks", "2", "--kv-cache", "int4", "--kv-quant", "per-token", "--attention-op", "edgeattn"],
      AttentionSpec(**RING, kv_cache="int4", kv_quant="per-token"), "SinkWindowAttention"),
     (["--block-size", "4", "--top-blocks", "2", "--sinks", "1"],
      AttentionSpec(block_size=4, top_blocks=2, sinks=1), "HierarchicalAttention"),
-    (["--kv-cache", "int8", "--kv-quant", "per-token"],
+    (["--kv-cache", "int8", "--kv-quant", "per-token", "--attention-op", "edgeattn"],
      AttentionSpec(kv_cache="int8", kv_quant="per-token"), "QuantKVAttention"),
 ])
-def test_cli_converts_forms_only_the_edgeattn_lowering_represents(tmp_path, flags, spec, op):
-    """`edgeattn convert` (auto) -> a folder EdgeLM generates from: its greedy tokens are PyTorch's."""
+def test_cli_converts_forms_with_the_edgeattn_lowering(tmp_path, flags, spec, op):
+    """`edgeattn convert` (hierarchical attention: auto) -> a folder EdgeLM generates from: its greedy tokens
+    are PyTorch's."""
     from click.testing import CliRunner
 
     from edgeattn.cli import main
@@ -308,7 +310,7 @@ def test_smollm2_sink_window_generates_the_pytorch_greedy_tokens(tmp_path, smoll
     516 slots has wrapped) the 32 greedy tokens equal PyTorch's."""
     spec = AttentionSpec(window=512, sinks=4)
     rewrite(smollm2_decoder, spec)
-    lowerings = choose_lowerings(smollm2_decoder, spec, "auto", "cpu", 2048).layers
+    lowerings = choose_lowerings(smollm2_decoder, spec, "edgeattn", "cpu", 2048).layers
     assert {lowering.op_type for lowering in lowerings} == {"SinkWindowAttention"}
     folder = _folder(tmp_path, smollm2_decoder, lowerings, smollm2.tokenizer)
     prompt = calibration_ids(smollm2.tokenizer)[0, :600].tolist()

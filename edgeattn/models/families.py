@@ -8,7 +8,7 @@ rest (norm, activation, biases, RoPE) are read here per family.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from optimum.utils import NormalizedConfigManager
@@ -22,10 +22,10 @@ class UnsupportedModelError(EdgeattnError, ValueError):
     """The checkpoint's architecture has no registered adapter."""
 
 
-_ADAPTERS: dict[str, type["FamilyAdapter"]] = {}
+_ADAPTERS: dict[str, type[FamilyAdapter]] = {}
 
 
-def register(model_type: str) -> Callable[[type["FamilyAdapter"]], type["FamilyAdapter"]]:
+def register(model_type: str) -> Callable[[type[FamilyAdapter]], type[FamilyAdapter]]:
     def decorate(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
         cls.model_type = model_type
         _ADAPTERS[model_type] = cls
@@ -37,7 +37,7 @@ def supported_families() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def adapter_for(hf_config) -> "FamilyAdapter":
+def adapter_for(hf_config) -> FamilyAdapter:
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in _ADAPTERS:
         raise UnsupportedModelError(
@@ -255,5 +255,6 @@ def _load_exact(decoder: Decoder, state: dict[str, torch.Tensor]) -> None:
         raise UnsupportedModelError(f"weight map mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise UnsupportedModelError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(expected[name].shape)}")
+            raise UnsupportedModelError(
+                f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(expected[name].shape)}")
     decoder.load_state_dict(state)

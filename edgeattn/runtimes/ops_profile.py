@@ -27,7 +27,7 @@ class ProfilingSession:
         self._folder = tempfile.TemporaryDirectory(prefix="edgeattn-ops-")
         self.events: list[dict] = []
 
-    def __enter__(self) -> "ProfilingSession":
+    def __enter__(self) -> ProfilingSession:
         options = self._original.get_session_options()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(self._folder.name) / "ort")

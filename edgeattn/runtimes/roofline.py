@@ -83,7 +83,8 @@ def raise_unless_fits(fits: dict[str, dict], target: Target) -> None:
     if failures:
         raise TargetMemoryError(
             f"does not fit {target.name} ({target.description}): " + "; ".join(failures)
-            + f" > budget {human_bytes(target.budget_bytes)} ({target.budget_fraction:.0%} of {human_bytes(target.memory_bytes)}); "
+            + f" > budget {human_bytes(target.budget_bytes)}"
+            + f" ({target.budget_fraction:.0%} of {human_bytes(target.memory_bytes)}); "
             "try --weights int4, a quantized --kv-cache, a --window, or a smaller --max-length")
 
 

@@ -76,7 +76,7 @@ class EdgeLM:
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         try:
             session = ort.InferenceSession(str(folder / manifest["files"]["model"]), options, providers=providers)
-        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+        except Exception as error:
             raise RuntimeLoadError(f"{folder}: onnxruntime cannot load the model ({str(error).splitlines()[0]})") from error
         check_graph(folder, manifest, session)
         return cls(folder, manifest, session, provider, load_tokenizer(folder, manifest))
