@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeattn.exporters.graph_names import names_read
 from edgeattn.models.decoder import RMSNorm
 
 STANDARD = "standard"
@@ -68,7 +69,7 @@ def drop_unused_skip_norm_outputs(model: onnx.ModelProto) -> bool:
                     node.output[index] = ""
     if not blanked:
         return False
-    consumed = {name for node in model.graph.node for name in node.input} | {out.name for out in model.graph.output}
+    consumed = names_read(model.graph) | {out.name for out in model.graph.output}
     if blanked & consumed:
         raise RuntimeError(f"{SKIP_OP} statistics are consumed in the graph: {sorted(blanked & consumed)}")
     kept = [info for info in model.graph.value_info if info.name not in blanked]

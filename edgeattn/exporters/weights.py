@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 
 from edgeattn.errors import InvalidOptionError
 from edgeattn.exporters.gguf_weights import ACCURACY_LEVEL, CARRIED, CarryReport, carry_gguf_blocks
+from edgeattn.exporters.graph_names import names_read
 
 WEIGHT_DTYPES = ("fp32", "fp16", "int8", "int4", "source")
 DEFAULT_BLOCK_SIZE = 32
@@ -132,7 +133,7 @@ def _materialize_transposed_weights(model: onnx.ModelProto) -> dict[str, str]:
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), name))
             node.input[1] = name
             tied[node.output[0]] = transpose.input[0]
-    used = {name for node in graph.node for name in node.input}
+    used = names_read(graph)
     for transpose in transposes.values():
         if transpose.output[0] not in used:
             graph.node.remove(transpose)
@@ -178,7 +179,7 @@ def _share_tied_embeddings(model: onnx.ModelProto, tied: dict[str, str]) -> None
             graph.node.remove(gather)
             for offset, node in enumerate(nodes):
                 graph.node.insert(position + offset, node)
-    used = {name for node in graph.node for name in node.input}
+    used = names_read(graph)
     unused = [init for init in graph.initializer if init.name not in used]
     for init in unused:
         graph.initializer.remove(init)
