@@ -94,8 +94,13 @@ def test_batched_chunks_on_a_wrapped_ring(exported):
     assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
 
 
-@pytest.mark.parametrize("name", ["ring", "qwen2-mqa-ring", "ring-int8-channel"])
-def test_positions_past_1e5_stay_exact(exported, name):
+# An fp16 cache rounds ~10^6 values here: a few sit within float32 ulps of an fp16 rounding boundary and round
+# the other way in one of the two runtimes, which moves a logit by ~1e-4. Wrong angles would move it by ~1e-2.
+FP16_ROUNDING = 1e-3
+
+
+@pytest.mark.parametrize(("name", "tolerance"), [("ring", ONNX_VS_TORCH), ("ring-fp16", FP16_ROUNDING)])
+def test_positions_past_1e5_stay_exact(exported, name, tolerance):
     """~100k tokens in 2048-token chunks (the 10-slot ring wraps ~10^4 times, the model's table has 512
     positions), then 32 decode steps at positions around 1.0e5: still PyTorch's logits, whose ring scores
     use small in-cache positions, so float32 angles of absolute positions would be off by ~1e-2 here."""
@@ -104,7 +109,7 @@ def test_positions_past_1e5_stay_exact(exported, name):
     chunks = [random_ids(1, 2048, 100 + seed) for seed in range(49)] + [None] * DECODE_STEPS
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert 49 * 2048 > 1e5
-    assert worst < ONNX_VS_TORCH
+    assert worst < tolerance
     assert torch_tokens == ort_tokens
 
 
@@ -202,9 +207,11 @@ def test_graph_is_standard_onnx_with_one_if_and_one_attention_per_layer(exported
     assert "Softmax" not in histogram
     decode = next(a.g for a in next(n for n in model.graph.node if n.op_type == "If").attribute
                   if a.name == "then_branch")
-    # decode: re-rotate the kept sinks, write them and the new rows in place, attend over the buffer
+    # decode: split the heads (no Transpose for one token), rotate q and k, re-rotate the kept sinks, write
+    # them and the new rows in place, attend over the buffer
     assert [node.op_type for node in decode.node if node.op_type != "Constant"] == [
-        "Slice", "RotaryEmbedding", "Concat", "ScatterElements", "ScatterElements", "Attention"]
+        "Reshape", "Split", "RotaryEmbedding", "RotaryEmbedding", "Slice", "RotaryEmbedding", "Concat",
+        "ScatterElements", "ScatterElements", "Attention", "Reshape"]
     layout = lowerings[0].cache_layout()
     assert layout == {"capacity": 12, "dtype": "float32", "shape_tail": [2, 12, 16], "ring": True,
                       "max_positions": None}
@@ -220,3 +227,18 @@ def test_auto_converts_sinks_to_the_ring_and_records_why(tmp_path, spec, expecte
     assert lowering["not_chosen"]["edgeattn"].startswith("slower than onnx")
     assert manifest["kv_cache"]["ring"] and manifest["kv_cache"]["capacity"] == spec.window + 2 * spec.sinks
     assert manifest["numerics"]["passed"]
+
+
+def test_int4_weights_keep_the_scales_only_the_branches_read(tmp_path):
+    """The demo's spec on a tiny model: the per-channel scales of an int8 ring are read only inside the If's
+    branches, and quantizing the weights must not prune them as unused."""
+    folder = tmp_path / "out"
+    manifest = convert(ConvertOptions("tiny-llama", folder, AttentionSpec(**RING, kv_cache="int8"), weights="int4",
+                                      max_length=MAX_LENGTH))
+    model = onnx.load(folder / "model.onnx")
+    branch_inputs = {name for node in model.graph.node if node.op_type == "If"
+                     for attribute in node.attribute for inner in attribute.g.node for name in inner.input}
+    scales = {init.name for init in model.graph.initializer if init.name.endswith("k_scale")}
+    assert scales and scales <= branch_inputs
+    assert manifest["numerics"]["passed"]
+    assert op_histogram(model).get("com.microsoft.MatMulNBits", 0) > 0

@@ -30,11 +30,12 @@ function, ``onnx_ring_function``, inlined at export):
 
 The ``If``'s branches:
 
-* ``then`` (decode, and for the codec ring also a chunk that does not wrap, T <= C):
+* ``then`` (decode, one new token; the fp32 ring once the sinks are cached):
   ``ScatterElements`` writes the new rows (and the re-rotated sinks) in place, then
   ``Attention`` reads the buffer it wrote, no copy, with an additive mask of the slots'
-  positions computed once per step for every layer;
-* ``else`` (a chunk on a wrapped ring, and the fp32 ring's prompts): its later tokens
+  positions computed once per step for every layer. One token needs no head Transpose:
+  [B, 1, (H + 2*Hkv)*D] is [B, H + 2*Hkv, 1, D] in memory;
+* ``else`` (a chunk: a prompt, or more tokens on a wrapped ring): its later tokens
   overwrite slots its earlier queries still read, and each query sees the sinks at its own
   offset, so the keys are copied first (``Concat`` of the ring and the chunk, sink rows
   zeroed) and each sink's score enters through the mask (``q_s . k_j * scale`` with q
@@ -55,7 +56,7 @@ from torch import nn
 
 from edgeattn.attention import EdgeAttention
 from edgeattn.exporters import edgeattn_functions, onnx_ring_function, rope_angles
-from edgeattn.exporters.packed_qkv import packed_qkv, split_heads
+from edgeattn.exporters.packed_qkv import packed_qkv
 from edgeattn.spec import AttentionSpec
 
 NAME = "onnx"
@@ -84,7 +85,7 @@ class RingStep:
     def function_inputs(self) -> tuple[torch.Tensor, ...]:
         """The step's inputs of the ring function, after the layer's own."""
         return (self.fast, self.mask, self.key_index, self.value_index, self.cos_shift, self.sin_shift,
-                self.sink_rows, self.q_pos, self.key_slot, self.value_slot)
+                self.sink_rows, self.q_pos, self.key_slot, self.value_slot, self.cos, self.sin, self.rows)
 
 
 class RingAttentionLowering(nn.Module):
@@ -105,7 +106,6 @@ class RingAttentionLowering(nn.Module):
         self.ring_slots = self.sinks + self.window
         self.slots = self.ring_slots + self.sinks
         self.max_length = max_length
-        self.scale = self.head_dim**-0.5
         rotary = attn.rotary
         self.has_rotary = rotary is not None
         self.rotary_scaling = rotary.attention_scaling if rotary is not None else 1.0
@@ -123,7 +123,8 @@ class RingAttentionLowering(nn.Module):
     def functions(self) -> list[onnx.FunctionProto]:
         """The layer's body (inlined by the exporter, so the saved graph holds standard ops only)."""
         return [*onnx_ring_function.helper_functions(), onnx_ring_function.ring_function(
-            self.sinks, self.window, self.scale, self.has_rotary, self.rotary_scaling)]
+            self.num_heads, self.kv_heads, self.head_dim, self.sinks, self.window, self.has_rotary,
+            self.rotary_scaling)]
 
     def prepare_step(self, length: int, attention_mask: torch.Tensor) -> RingStep:
         """The tensors every layer shares for a step of ``length`` new tokens (``attention_mask`` [B, T])."""
@@ -160,19 +161,37 @@ class RingAttentionLowering(nn.Module):
     def attend(self, attn: EdgeAttention, h: torch.Tensor, attention_mask: torch.Tensor,
                past_key: torch.Tensor, past_value: torch.Tensor, step: RingStep):
         batch, length, _ = h.shape
-        q, k, v = split_heads(h @ self.qkv_weight_T + (self.qkv_bias if self.qkv_bias is not None else 0),
-                              self.num_heads, self.kv_heads, self.head_dim)
-        q_rot, k_rot = q, k
-        if self.has_rotary:
-            q_rot = torch.onnx.ops.rotary_embedding(q, step.cos, step.sin, step.rows)
-            k_rot = torch.onnx.ops.rotary_embedding(k, step.cos, step.sin, step.rows)
+        qkv = h @ self.qkv_weight_T + (self.qkv_bias if self.qkv_bias is not None else 0)  # one MatMul
         output, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
             f"{onnx_ring_function.DOMAIN}::SinkWindowRing",
-            (q, q_rot, k_rot, v, past_key, past_value, *step.function_inputs(), self.inv_freq64), {},
-            dtypes=(q.dtype, past_key.dtype, past_value.dtype), shapes=(q.shape, past_key.shape, past_value.shape),
+            (qkv, past_key, past_value, *step.function_inputs(), self.inv_freq64), {},
+            dtypes=(qkv.dtype, past_key.dtype, past_value.dtype),
+            shapes=((batch, length, self.num_heads * self.head_dim), past_key.shape, past_value.shape),
             version=onnx_ring_function.VERSION)
-        output = output.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return attn.o_proj(output), present_key, present_value
+
+
+@dataclass(frozen=True)
+class CodecRingStep:
+    """Per-step tensors shared by every layer of a codec ring (computed once in the graph)."""
+
+    fast: torch.Tensor  # bool []: decode (L = 1), the in-place branch
+    mask: torch.Tensor  # [L, C] additive mask over the ring after this step's writes
+    cos_slots: torch.Tensor  # [C, D/2] each slot's rotation this step: window slots at their position, sinks at e + j
+    sin_slots: torch.Tensor
+    slot_rows: torch.Tensor  # [B, C] row s of the ring reads row s of cos/sin_slots
+    write_index: torch.Tensor  # [B, Hkv, L, W] ScatterElements index of the new rows
+    q_pos: torch.Tensor  # [L] absolute positions of the new tokens
+    slot: torch.Tensor  # [L] the slot of each new token
+    cos: torch.Tensor  # [L, D/2] rotation of the new queries at their absolute positions
+    sin: torch.Tensor
+    rows: torch.Tensor  # [B, L] row n of the new tokens reads row n of cos/sin
+    batch_zeros: torch.Tensor  # [B, Hkv, 1, D]: per-channel scales repeated over the batch by adding it
+
+    def function_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The step's inputs of the ring function, after the layer's own (``batch_zeros`` last)."""
+        return (self.fast, self.mask, self.cos_slots, self.sin_slots, self.slot_rows, self.write_index, self.q_pos,
+                self.slot, self.cos, self.sin, self.rows, self.batch_zeros)
 
 
 class CodecRingLowering(nn.Module):
@@ -192,7 +211,6 @@ class CodecRingLowering(nn.Module):
         self.window, self.sinks = attn.visibility.window, attn.visibility.sinks
         self.ring_slots = self.sinks + self.window
         self.max_length = max_length
-        self.scale = self.head_dim**-0.5
         codec = attn.codec
         self.kv_cache = codec.dtype
         self.kv_quant = codec.mode if codec.quantized else "none"
@@ -230,10 +248,11 @@ class CodecRingLowering(nn.Module):
         for op_type in ("EncodeKV", "DecodeKV"):
             codec += edgeattn_functions.function_protos(op_type, self.kv_cache, self.kv_quant)
         unique = list({(function.domain, function.name): function for function in codec}.values())
-        return [*unique, *onnx_ring_function.helper_functions(),
-                onnx_ring_function.codec_ring_function(self.sinks, self.window, self.scale, self.has_rotary)]
+        return [*unique, *onnx_ring_function.helper_functions(), onnx_ring_function.codec_ring_function(
+            self.num_heads, self.kv_heads, self.head_dim, self.sinks, self.window, self.has_rotary,
+            int8_channel=self.kv_cache == "int8" and self.kv_quant == "per-channel")]
 
-    def prepare_step(self, length: int, attention_mask: torch.Tensor) -> dict:
+    def prepare_step(self, length: int, attention_mask: torch.Tensor) -> CodecRingStep:
         """The tensors every layer shares for a step of ``length`` new tokens (``attention_mask`` [B, T])."""
         sinks, window, ring = self.sinks, self.window, self.ring_slots
         batch, total = attention_mask.shape
@@ -248,28 +267,23 @@ class CodecRingLowering(nn.Module):
         slot = torch.where(q_pos < sinks, q_pos, sinks + (q_pos - sinks).clamp_min(0) % window)
         cos_slots, sin_slots = rope_angles.cos_sin(rotated_at, self.inv_freq64, self.rotary_scaling)
         cos, sin = rope_angles.cos_sin(q_pos, self.inv_freq64, self.rotary_scaling)
-        return {"fast": (end - first == 1) | (end <= ring), "mask": torch.where(visible, 0.0, MASKED),
-                "cos_slots": cos_slots, "sin_slots": sin_slots, "slot_rows": slot_index.expand(batch, ring),
-                "write_index": slot[None, None, :, None].expand(batch, self.kv_heads, length, self.row_width),
-                "q_pos": q_pos, "slot": slot, "cos": cos, "sin": sin, "rows": torch.arange(length).expand(batch, length)}
+        return CodecRingStep(
+            end - first == 1, torch.where(visible, 0.0, MASKED), cos_slots, sin_slots, slot_index.expand(batch, ring),
+            slot[None, None, :, None].expand(batch, self.kv_heads, length, self.row_width), q_pos, slot, cos, sin,
+            torch.arange(length).expand(batch, length), torch.zeros(batch, self.kv_heads, 1, self.head_dim))
 
     def attend(self, attn: EdgeAttention, h: torch.Tensor, attention_mask: torch.Tensor,
-               past_key: torch.Tensor, past_value: torch.Tensor, step: dict):
+               past_key: torch.Tensor, past_value: torch.Tensor, step: CodecRingStep):
         batch, length, _ = h.shape
-        q, k, v = split_heads(h @ self.qkv_weight_T + (self.qkv_bias if self.qkv_bias is not None else 0),
-                              self.num_heads, self.kv_heads, self.head_dim)
-        q_rot = q
-        if self.has_rotary:
-            q_rot = torch.onnx.ops.rotary_embedding(q, step["cos"], step["sin"], step["rows"])
+        qkv = h @ self.qkv_weight_T + (self.qkv_bias if self.qkv_bias is not None else 0)  # one MatMul
         scales = (self.k_scale, self.v_scale) if self.scales else ()
-        inputs = (q, q_rot, k, v, past_key, past_value, step["fast"], step["mask"], step["cos_slots"],
-                  step["sin_slots"], step["slot_rows"], step["write_index"], step["q_pos"], step["slot"],
-                  self.inv_freq64, *scales)
+        inputs = (qkv, past_key, past_value, *step.function_inputs()[:-1], self.inv_freq64, step.batch_zeros,
+                  *scales)
         output, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
             f"{onnx_ring_function.DOMAIN}::CodecRing", inputs, {"rotary_scaling": float(self.rotary_scaling)},
-            dtypes=(q.dtype, past_key.dtype, past_value.dtype), shapes=(q.shape, past_key.shape, past_value.shape),
+            dtypes=(qkv.dtype, past_key.dtype, past_value.dtype),
+            shapes=((batch, length, self.num_heads * self.head_dim), past_key.shape, past_value.shape),
             version=onnx_ring_function.VERSION)
-        output = output.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return attn.o_proj(output), present_key, present_value
 
 

@@ -52,36 +52,56 @@ def PositionsRotated(x, positions, inv_freq, scaling: float):
     return op.RotaryEmbedding(x, cos, sin, ids)
 
 
-def ring_function(sinks: int, window: int, scale: float, rotary: bool, rotary_scaling: float):
+def ring_function(heads: int, kv_heads: int, head_dim: int, sinks: int, window: int, rotary: bool,
+                  rotary_scaling: float):
     """``SinkWindowRing`` for one ring shape; see ``onnx_ring`` for the buffer layout and the two branches."""
     RING = sinks + window  # noqa: N806 - onnxscript reads these as constants
     SINKS = sinks  # noqa: N806
     WINDOW = window  # noqa: N806
     HAS_SINKS = sinks > 0  # noqa: N806
     ROTARY = rotary  # noqa: N806
-    SCALE = scale  # noqa: N806
+    SCALE = head_dim**-0.5  # noqa: N806
     ROTARY_SCALING = rotary_scaling  # noqa: N806
+    ALL_HEADS = heads + 2 * kv_heads  # noqa: N806
+    SPLIT = [heads, kv_heads, kv_heads]  # noqa: N806
+    HEAD_DIM = head_dim  # noqa: N806
 
     @onnxscript.script(INLINED, default_opset=op)
-    def SinkWindowRing(q, q_rot, k_rot, v, past_key, past_value, fast, mask, key_index, value_index, cos_shift,
-                       sin_shift, sink_rows, q_pos, key_slot, value_slot, inv_freq):
-        """q, q_rot [B, H, L, D]; k_rot, v [B, Hkv, L, D]; past [B, Hkv, C+S, D]; fast bool []; then-branch
+    def SinkWindowRing(qkv, past_key, past_value, fast, mask, key_index, value_index, cos_shift, sin_shift,
+                       sink_rows, q_pos, key_slot, value_slot, cos, sin, rows, inv_freq):
+        """qkv [B, L, (H + 2*Hkv)*D] (the packed projections); past [B, Hkv, C+S, D]; fast bool []; then-branch
         inputs (L = 1): mask [1, C+S], key_index [B, Hkv, S+1, D], value_index [B, Hkv, 1, D], cos/sin_shift
-        [S, D/2], sink_rows [B, S] (zeros); else-branch inputs: q_pos, key_slot, value_slot [L], inv_freq [D/2]."""
+        [S, D/2], sink_rows [B, S] (zeros); both: cos/sin [L, D/2] and rows [B, L] (the new tokens' rotation);
+        else-branch inputs: q_pos, key_slot, value_slot [L], inv_freq [D/2]. Returns [B, L, H*D] and the presents."""
         ring = op.Constant(value_ints=[RING])
         sink_count = op.Constant(value_ints=[SINKS])
         axis = op.Constant(value_ints=[2])
         if fast:
+            # One new token: [B, 1, (H + 2*Hkv)*D] is already [B, H + 2*Hkv, 1, D] in memory (no Transpose).
+            q, k, v = op.Split(op.Reshape(qkv, op.Constant(value_ints=[0, ALL_HEADS, 1, HEAD_DIM])),
+                               op.Constant(value_ints=SPLIT), axis=1)
+            if ROTARY:
+                q = op.RotaryEmbedding(q, cos, sin, rows)
+                k = op.RotaryEmbedding(k, cos, sin, rows)
             if HAS_SINKS:
                 kept = op.Slice(past_key, ring, op.Constant(value_ints=[RING + SINKS]), axis)  # rotated at j
                 if ROTARY:
                     kept = op.RotaryEmbedding(kept, cos_shift, sin_shift, sink_rows)  # on by e
-                present_key = op.ScatterElements(past_key, key_index, op.Concat(kept, k_rot, axis=2), axis=2)
+                present_key = op.ScatterElements(past_key, key_index, op.Concat(kept, k, axis=2), axis=2)
             else:
-                present_key = op.ScatterElements(past_key, key_index, k_rot, axis=2)
+                present_key = op.ScatterElements(past_key, key_index, k, axis=2)
             present_value = op.ScatterElements(past_value, value_index, v, axis=2)
-            output = op.Attention(q_rot, present_key, present_value, mask, scale=SCALE)
+            attended = op.Attention(q, present_key, present_value, mask, scale=SCALE)  # [B, H, 1, D]
+            output = op.Reshape(attended, op.Constant(value_ints=[0, 1, -1]))
         else:
+            batch_length = op.Shape(qkv, start=0, end=2)
+            all_heads = op.Reshape(qkv, op.Concat(batch_length, op.Constant(value_ints=[ALL_HEADS, HEAD_DIM]), axis=0))
+            q, k_rot, v = op.Split(op.Transpose(all_heads, perm=[0, 2, 1, 3]), op.Constant(value_ints=SPLIT), axis=1)
+            if ROTARY:
+                q_rot = op.RotaryEmbedding(q, cos, sin, rows)
+                k_rot = op.RotaryEmbedding(k_rot, cos, sin, rows)
+            else:
+                q_rot = op.Identity(q)
             zero = op.Constant(value_int=0)
             one = op.Constant(value_int=1)
             first = op.Gather(q_pos, zero)
@@ -126,7 +146,8 @@ def ring_function(sinks: int, window: int, scale: float, rotary: bool, rotary_sc
                 rest = op.Concat(sink_bias, rest, axis=-1)
                 keys = op.Concat(op.ConstantOfShape(op.Shape(sink_keys)), keys, axis=2)  # sink scores: the mask's
                 values = op.Concat(sink_values, values, axis=2)
-            output = op.Attention(q_rot, keys, values, rest, scale=SCALE)
+            attended = op.Attention(q_rot, keys, values, rest, scale=SCALE)  # [B, H, L, D]
+            output = op.Reshape(op.Transpose(attended, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
             # Each new token's slot takes its row from the copy; tokens that share a slot write the last one's.
             column = op.Range(zero, op.Squeeze(length), one)
             last_same_slot = column + op.Div(op.Squeeze(length) - one - column, win) * win
@@ -139,33 +160,59 @@ def ring_function(sinks: int, window: int, scale: float, rotary: bool, rotary_sc
     return SinkWindowRing.to_function_proto()
 
 
-def codec_ring_function(sinks: int, window: int, scale: float, rotary: bool):
+def codec_ring_function(heads: int, kv_heads: int, head_dim: int, sinks: int, window: int, rotary: bool,
+                        int8_channel: bool):
     """``CodecRing``: the ring of a cache that stores codes of unrotated keys (fp16, int8/int4 per channel or
     per token, ``edgeattn_functions``' codecs), rotated on read; see ``onnx_ring.CodecRingLowering``."""
     RING = sinks + window  # noqa: N806 - onnxscript reads these as constants
     SINKS = sinks  # noqa: N806
     WINDOW = window  # noqa: N806
     HAS_SINKS = sinks > 0  # noqa: N806
-    SCALE = scale  # noqa: N806
+    SCALE = head_dim**-0.5  # noqa: N806
     ROTARY = rotary  # noqa: N806
+    ALL_HEADS = heads + 2 * kv_heads  # noqa: N806
+    SPLIT = [heads, kv_heads, kv_heads]  # noqa: N806
+    HEAD_DIM = head_dim  # noqa: N806
+    INT8_CHANNEL = int8_channel  # noqa: N806
 
     @onnxscript.script(INLINED, default_opset=op)
-    def CodecRing(q, q_rot, k, v, past_key, past_value, fast, mask, cos_slots, sin_slots, slot_rows, write_index,
-                  q_pos, slot, inv_freq, k_scale, v_scale, rotary_scaling: float):
-        """q, q_rot [B, H, L, D]; k, v [B, Hkv, L, D] unrotated; past [B, Hkv, C, W] codes; then-branch inputs
-        (L = 1 or T <= C): mask [L, C], cos/sin_slots [C, D/2] (the slots' rotation once written), slot_rows
-        [B, C], write_index [B, Hkv, L, W]; else-branch inputs: q_pos, slot [L], inv_freq [D/2]; k/v_scale:
-        per-channel scales [1, Hkv, 1, D] (absent for other codecs)."""
-        head_dim = op.Shape(q, start=3, end=4)
-        key_rows, value_rows = EncodeKV(k, v, k_scale, v_scale)  # [B, Hkv, L, W]
+    def CodecRing(qkv, past_key, past_value, fast, mask, cos_slots, sin_slots, slot_rows, write_index, q_pos, slot,
+                  cos, sin, rows, inv_freq, batch_zeros, k_scale, v_scale, rotary_scaling: float):
+        """qkv [B, L, (H + 2*Hkv)*D] (the packed projections); past [B, Hkv, C, W] codes; then-branch inputs
+        (decode, L = 1): mask [1, C], cos/sin_slots [C, D/2] (the slots' rotation once written), slot_rows [B, C],
+        write_index [B, Hkv, 1, W]; both: cos/sin [L, D/2] and rows [B, L] (the new tokens' rotation);
+        else-branch inputs: q_pos, slot [L], inv_freq [D/2]; batch_zeros [B, Hkv, 1, D]; k/v_scale:
+        per-channel scales [1, Hkv, 1, D] (absent for other codecs). Returns [B, L, H*D] and the presents."""
+        head_dim = op.Constant(value_ints=[HEAD_DIM])
         if fast:
+            # One new token: [B, 1, (H + 2*Hkv)*D] is already [B, H + 2*Hkv, 1, D] in memory (no Transpose).
+            q, k, v = op.Split(op.Reshape(qkv, op.Constant(value_ints=[0, ALL_HEADS, 1, HEAD_DIM])),
+                               op.Constant(value_ints=SPLIT), axis=1)
+            if ROTARY:
+                q = op.RotaryEmbedding(q, cos, sin, rows)
+            key_rows, value_rows = EncodeKV(k, v, k_scale, v_scale)  # [B, Hkv, 1, W], unrotated keys
             present_key = op.ScatterElements(past_key, write_index, key_rows, axis=2)
             present_value = op.ScatterElements(past_value, write_index, value_rows, axis=2)
-            keys, values = DecodeKV(present_key, present_value, k_scale, v_scale, head_dim)
+            if INT8_CHANNEL:
+                # One blocked DequantizeLinear per buffer (block = the whole ring, scales repeated over the
+                # batch: x + 0 is x): codes x scale, as DecodeKV.
+                keys = op.DequantizeLinear(present_key, op.Add(k_scale, batch_zeros), axis=2, block_size=RING)
+                values = op.DequantizeLinear(present_value, op.Add(v_scale, batch_zeros), axis=2, block_size=RING)
+            else:
+                keys, values = DecodeKV(present_key, present_value, k_scale, v_scale, head_dim)
             if ROTARY:
                 keys = op.RotaryEmbedding(keys, cos_slots, sin_slots, slot_rows)
-            output = op.Attention(q_rot, keys, values, mask, scale=SCALE)
+            attended = op.Attention(q, keys, values, mask, scale=SCALE)  # [B, H, 1, D]
+            output = op.Reshape(attended, op.Constant(value_ints=[0, 1, -1]))
         else:
+            batch_length = op.Shape(qkv, start=0, end=2)
+            all_heads = op.Reshape(qkv, op.Concat(batch_length, op.Constant(value_ints=[ALL_HEADS, HEAD_DIM]), axis=0))
+            q, k, v = op.Split(op.Transpose(all_heads, perm=[0, 2, 1, 3]), op.Constant(value_ints=SPLIT), axis=1)
+            if ROTARY:
+                q_rot = op.RotaryEmbedding(q, cos, sin, rows)
+            else:
+                q_rot = op.Identity(q)
+            key_rows, value_rows = EncodeKV(k, v, k_scale, v_scale)  # [B, Hkv, L, W], unrotated keys
             zero = op.Constant(value_int=0)
             one = op.Constant(value_int=1)
             ring = op.Constant(value_int=RING)
@@ -217,7 +264,8 @@ def codec_ring_function(sinks: int, window: int, scale: float, rotary: bool):
                 keys = op.Concat(op.ConstantOfShape(op.Shape(sink_keys)), op.Slice(keys, sink_count, _END, axis),
                                  axis=2)  # sink scores: the mask's
                 values = op.Concat(sink_values, op.Slice(values, sink_count, _END, axis), axis=2)
-            output = op.Attention(q_rot, keys, values, rest, scale=SCALE)
+            attended = op.Attention(q_rot, keys, values, rest, scale=SCALE)  # [B, H, L, D]
+            output = op.Reshape(op.Transpose(attended, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
             column = op.Range(zero, op.Squeeze(length), one)
             last_same_slot = column + op.Div(op.Squeeze(length) - one - column, win) * win
             source_column = ring + op.Where(op.Less(q_pos, op.Constant(value_int=SINKS)), column, last_same_slot)
