@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 
 from edgeattn.exporters import gguf_blocks
 from edgeattn.exporters.gguf_blocks import BlockRows, NotExact
+from edgeattn.exporters.graph_names import names_read
 
 # MatMulNBits accuracy_level 4: int8 activations per block on CPU (as the quantizer path, and as llama.cpp
 # quantizes activations for its Q4/Q8 dot products); the packed kernel is used either way.
@@ -172,7 +173,7 @@ class _GraphCarrier:
         record = {"node": weight.node.name, "op": weight.op, "weight": weight.initializer,
                   "shape": list(weight.values_RK.shape)}
         found = self.rows.find(np.ascontiguousarray(weight.values_RK, dtype=np.float32))
-        sources = sorted({source[0] for source in found if source is not None})
+        sources = list(dict.fromkeys(source[0] for source in found if source is not None))  # in row order
         record.update(kind=_kind([self.rows.tensors[t].name for t in sources]) if sources else "not in the GGUF",
                       gguf=[self.rows.tensors[t].name for t in sources],
                       types=sorted({self.rows.type_name(t) for t in sources}))
@@ -313,10 +314,10 @@ def _attribute(node: onnx.NodeProto, name: str, default):
 
 def _drop_unused(graph: onnx.GraphProto, replaced: set[str]) -> None:
     """Remove what the carried weights left behind: their float initializers and the Transposes of them."""
-    used = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    used = names_read(graph) | {output.name for output in graph.output}
     for node in [node for node in graph.node
                  if node.op_type == "Transpose" and node.input[0] in replaced and node.output[0] not in used]:
         graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
+    used = names_read(graph)
     for init in [init for init in graph.initializer if init.name in replaced and init.name not in used]:
         graph.initializer.remove(init)
