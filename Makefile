@@ -72,7 +72,7 @@ demo: $(STAMP)
 
 # Everything; one test file per worker, so a module's conversions are made once.
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile --durations=30
 
 # The unit layer (pure logic on tiny tensors, under a minute); tests/conftest.py lists its modules.
 test-fast: $(STAMP)
