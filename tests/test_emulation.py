@@ -94,6 +94,7 @@ def test_an_emulated_profile_says_its_times_are_not_timings(monkeypatch):
     assert report["machine"]["emulation"].startswith("an aarch64 process")
     assert "EMULATED: an aarch64 process" in text and "not timings" in text
     assert "Decode (EMULATED: not timings)" in text and "## Decode (EMULATED: not timings)" in render_markdown(report)
+    assert "PROJECTION" not in text
     rows = [row for row in report["models"][0]["decode"] if "ms_per_token" in row]
     assert rows and all("target_projected_ms" not in row for row in rows)  # nothing projected from emulated times
     assert all(row["target_roofline_ms"] > 0 and row["kv_bytes"] == 256 * row["context"] for row in rows)
@@ -103,6 +104,6 @@ def test_an_emulated_profile_says_its_times_are_not_timings(monkeypatch):
 def test_a_native_profile_projects_and_says_nothing_of_emulation(monkeypatch):
     report = _report(monkeypatch, None)
     text = render_text(report)
-    assert report["machine"]["emulation"] is None and "EMULATED" not in text
+    assert report["machine"]["emulation"] is None and "EMULATED" not in text and "PROJECTION" in text
     rows = [row for row in report["models"][0]["decode"] if "ms_per_token" in row]
     assert rows and all(row["target_projected_ms"] > 0 for row in rows)

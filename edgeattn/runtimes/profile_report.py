@@ -121,7 +121,7 @@ def _render(report: dict, table, heading, note) -> list[str]:
     decode = _decode_rows(report, several)
     if decode[1]:
         lines += [heading("Decode" + _NOT_TIMINGS * bool(emulation)), table(*decode)]
-        if target:
+        if target and not emulation:
             lines += ["", note(PROJECTION_NOTE)]
     lines += [note(line) for line in _skipped(report, "decode", "context", "decode at {} tokens")]
     for entry in report["models"]:
