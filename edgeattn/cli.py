@@ -311,6 +311,7 @@ def _with_progress(work, quiet: bool):
 
 def _convert_summary(output, manifest: dict, max_length_given: bool) -> dict:
     from edgeattn.convert import DEFAULT_MAX_LENGTH
+    from edgeattn.manifest import cache_tokens
 
     size = sum(path.stat().st_size for path in output.iterdir() if path.is_file())
     kv = manifest["kv_cache"]
@@ -322,7 +323,7 @@ def _convert_summary(output, manifest: dict, max_length_given: bool) -> dict:
         "max_length": max_length, "max_length_source": source,
         "lowering": (f"{manifest['lowering']['per_layer'][0]} ({manifest['lowering']['op']})"
                      f" x {len(manifest['lowering']['per_layer'])} layers"),
-        "kv_cache": f"{kv['codec']} {'ring' if kv['ring'] else 'full'} buffer, capacity {kv['capacity']}",
+        "kv_cache": f"{kv['codec']} {'ring' if kv['ring'] else 'full'} buffer, capacity {cache_tokens(kv)}",
         "kv_bytes_per_token": kv["bytes_per_token"], "kv_mb_at_capacity": round(kv["bytes_at_capacity"] / 1e6, 2),
         "numerics": manifest["numerics"],
         **({"gguf_blocks": _gguf_line(manifest["weights"]["gguf"])} if "gguf" in manifest["weights"] else {}),
@@ -360,6 +361,7 @@ def generate(folder, prompt, max_new_tokens, provider, threads, temperature, top
       edgeattn generate out/ "Write a haiku about the sea" --chat --temperature 0.7 --seed 1 --json
       edgeattn generate out/ "Hello" --verify    # first check the files against their recorded sha256
     """
+    from edgeattn.manifest import cache_tokens
     from edgeattn.runtimes import EdgeLM, Generation, SamplingConfig, stream
 
     try:
@@ -383,7 +385,7 @@ def generate(folder, prompt, max_new_tokens, provider, threads, temperature, top
         raise
     _print_generation(lm, result, as_json)
     if result.stop == "cache_full" and not as_json:
-        click.echo(f"edgeattn: stopped: KV cache full ({lm.kv['capacity']} tokens); convert with a larger "
+        click.echo(f"edgeattn: stopped: KV cache full ({cache_tokens(lm.kv)} tokens); convert with a larger "
                    "--max-length, or a --window for constant memory", err=True)
 
 

@@ -70,6 +70,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def cache_tokens(kv: dict[str, Any]) -> int:
+    """Tokens a manifest's KV cache holds: its ``capacity`` rows, less rows that hold other state (the block
+    summaries of hierarchical attention)."""
+    return kv.get("tokens", kv["capacity"])
+
+
 def file_hashes(folder: str | Path) -> dict[str, str]:
     """The sha256 of every file in ``folder`` but the manifest, by its name relative to the folder."""
     folder = Path(folder)

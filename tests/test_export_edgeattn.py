@@ -275,14 +275,14 @@ def _rewritten(family: str, spec: AttentionSpec):
 @pytest.mark.parametrize(("flags", "spec", "op"), [
     (["--window", "8", "--sinks", "2", "--kv-cache", "int4", "--kv-quant", "per-token", "--attention-op", "edgeattn"],
      AttentionSpec(**RING, kv_cache="int4", kv_quant="per-token"), "SinkWindowAttention"),
-    (["--block-size", "4", "--top-blocks", "2", "--sinks", "1"],
+    (["--block-size", "4", "--top-blocks", "2", "--sinks", "1", "--attention-op", "edgeattn"],
      AttentionSpec(block_size=4, top_blocks=2, sinks=1), "HierarchicalAttention"),
     (["--kv-cache", "int8", "--kv-quant", "per-token", "--attention-op", "edgeattn"],
      AttentionSpec(kv_cache="int8", kv_quant="per-token"), "QuantKVAttention"),
 ])
 def test_cli_converts_forms_with_the_edgeattn_lowering(tmp_path, flags, spec, op):
-    """`edgeattn convert` (hierarchical attention: auto) -> a folder EdgeLM generates from: its greedy tokens
-    are PyTorch's."""
+    """`edgeattn convert --attention-op edgeattn` -> a folder EdgeLM generates from: its greedy tokens are
+    PyTorch's."""
     from click.testing import CliRunner
 
     from edgeattn.cli import main

@@ -28,7 +28,8 @@ AUTO_TABLE = [
     ("llama", AttentionSpec(window=16, kv_cache="int8"), "cpu", "onnx"),  # GQA quantizes rotated keys
     ("llama", AttentionSpec(window=16, kv_cache="fp16"), "cpu", "onnx"),
     ("llama", AttentionSpec(kv_cache="int8", kv_quant="per-token"), "cpu", "onnx"),  # GQA: per channel only
-    ("llama", AttentionSpec(block_size=8, top_blocks=2), "cpu", "edgeattn"),
+    ("llama", AttentionSpec(block_size=8, top_blocks=2), "cpu", "onnx"),  # block summaries in the cache
+    ("llama", AttentionSpec(block_size=8, top_blocks=2, kv_cache="fp16"), "cpu", "edgeattn"),
     ("llama", AttentionSpec(block_size=8, top_blocks=2, sinks=2, kv_cache="int4", kv_quant="per-token"), "cpu",
      "edgeattn"),
     ("qwen2", AttentionSpec(kv_heads=1, window=16, sinks=4, kv_cache="int8"), "cpu", "onnx"),
@@ -56,7 +57,8 @@ def test_auto_picks_the_fastest_exact_lowering(family, spec, provider, expected)
 @pytest.mark.parametrize(("spec", "op", "expected_op"), [
     (AttentionSpec(window=8, sinks=2), "auto", "Attention"),
     (AttentionSpec(window=8, sinks=2), "edgeattn", "edgeattn.SinkWindowAttention"),
-    (AttentionSpec(block_size=4, top_blocks=2), "auto", "edgeattn.HierarchicalAttention"),
+    (AttentionSpec(block_size=4, top_blocks=2), "auto", "Attention"),
+    (AttentionSpec(block_size=4, top_blocks=2), "edgeattn", "edgeattn.HierarchicalAttention"),
     (AttentionSpec(kv_cache="int8", kv_quant="per-token"), "auto", "Attention"),
     (AttentionSpec(kv_cache="int8", kv_quant="per-token"), "edgeattn", "edgeattn.QuantKVAttention"),
     (AttentionSpec(), "edgeattn", "edgeattn.QuantKVAttention"),
@@ -69,7 +71,7 @@ def test_each_layer_gets_the_op_of_its_form(spec, op, expected_op):
 
 
 def test_an_explicit_lowering_that_cannot_represent_the_spec_says_why():
-    spec = AttentionSpec(block_size=4, top_blocks=2)
+    spec = AttentionSpec(block_size=4, top_blocks=2, kv_cache="int8", kv_quant="per-token")
     with pytest.raises(LoweringError, match=r"^no attention lowering represents this spec exactly: onnx: .*hierarch"):
         choose_lowerings(_rewritten("llama", spec), spec, "onnx", "cpu", MAX_LENGTH)
     with pytest.raises(LoweringError, match="attention op must be one of"):

@@ -161,8 +161,8 @@ def test_quantized_cache_buffers_hold_the_codec_rows(converted):
     assert kv["bytes_per_token"] == 2 * 2 * 2 * 12  # layers x (k, v) x kv heads x row bytes
 
 
-def test_hierarchical_attention_is_refused(tmp_path):
-    with pytest.raises(LoweringError, match="onnx: .*hierarchical"):
-        convert(ConvertOptions("tiny-llama", tmp_path / "out", AttentionSpec(block_size=8, top_blocks=2),
+def test_hierarchical_attention_with_a_quantized_cache_is_refused(tmp_path):
+    with pytest.raises(LoweringError, match="onnx: hierarchical attention with an int8 KV cache"):
+        convert(ConvertOptions("tiny-llama", tmp_path / "out", AttentionSpec(block_size=8, top_blocks=2, kv_cache="int8"),
                                attention_op="onnx", max_length=MAX_LENGTH))
     assert not (tmp_path / "out").exists()

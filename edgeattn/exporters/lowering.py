@@ -5,11 +5,12 @@ exactly on the provider:
 
 * ``ort``: onnxruntime's fused ``com.microsoft.GroupQueryAttention`` (``ort_gqa``);
 * ``onnx``: standard ONNX ops, ``Attention`` over a max-length cache (``onnx_attention``,
-  int8/int4 codes decoded per step by ``onnx_quant_cache``) or over a constant-memory ring
-  for a window, sinks and any cache precision included (``onnx_ring``);
+  int8/int4 codes decoded per step by ``onnx_quant_cache``), over a constant-memory ring
+  for a window, sinks and any cache precision included (``onnx_ring``), or over the rows
+  hierarchical attention selects, with block summaries kept in the cache (``onnx_hierarchical``);
 * ``edgeattn``: edgeattn's own ops with ONNX function bodies (``edgeattn_ops``): the
-  reference semantics; it represents every spec (hierarchical attention only it), so
-  ``auto`` always finds one.
+  reference semantics; it represents every spec (hierarchical attention over an
+  fp16/int8/int4 cache only it), so ``auto`` always finds one.
 
 ``auto`` also skips a lowering that would keep a windowed spec in a max-length cache: a
 window is asked for to get constant memory (every lowering here keeps a ring today).

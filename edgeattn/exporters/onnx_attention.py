@@ -1,7 +1,8 @@
 """Lowering to standard ONNX ops only: ``Attention`` (opset 24), RoPE by ``RotaryEmbedding``.
 
-A window (with or without sinks) leaves as the constant-memory ring of ``onnx_ring``;
-this module covers full caches.
+A window (with or without sinks) leaves as the constant-memory ring of ``onnx_ring``,
+hierarchical attention as ``onnx_hierarchical`` (block summaries in the cache, only the
+selected blocks read); this module covers full caches.
 
 Dimension legend: B batch, L new tokens, H query heads, Hkv kv heads, D head dim,
 C cache capacity (max_length), P cached tokens before this step, T = P + L.
@@ -43,10 +44,11 @@ import torch
 from torch import nn
 
 from edgeattn.attention import EdgeAttention
+from edgeattn.exporters.onnx_hierarchical import HierarchicalAttentionLowering
 from edgeattn.exporters.onnx_quant_cache import QuantCacheLowering
 from edgeattn.exporters.onnx_ring import CodecRingLowering, RingAttentionLowering
 from edgeattn.spec import AttentionSpec
-from edgeattn.visibility import SinkWindowVisibility
+from edgeattn.visibility import HierarchicalVisibility, SinkWindowVisibility
 
 NAME = "onnx"
 OPSET = 24  # TensorScatter, Attention's nonpad_kv_seqlen
@@ -55,8 +57,8 @@ _CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 def unsupported_reason(spec: AttentionSpec, provider: str, has_rotary: bool) -> str | None:
     """Why this lowering cannot represent ``spec`` exactly, or None when it can."""
-    if spec.hierarchical:
-        return "hierarchical block selection has no standard ONNX op"
+    if spec.hierarchical and spec.kv_cache != "fp32":
+        return f"hierarchical attention with an {spec.kv_cache} KV cache (its onnx form keeps fp32 keys)"
     return None
 
 
@@ -66,6 +68,8 @@ def lowering_for(attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> n
     if isinstance(attn.visibility, SinkWindowVisibility):
         ring = RingAttentionLowering if attn.codec.dtype == "fp32" else CodecRingLowering
         return ring(attn, spec, max_length)
+    if isinstance(attn.visibility, HierarchicalVisibility):
+        return HierarchicalAttentionLowering(attn, spec, max_length)
     if attn.codec.quantized:
         return QuantCacheLowering(attn, spec, max_length)
     return AttentionLowering(attn, spec, max_length)

@@ -106,8 +106,8 @@ class RingAttentionLowering(nn.Module):
         self.ring_slots = self.sinks + self.window
         self.slots = self.ring_slots + self.sinks
         self.max_length = max_length
-        _register_rotary(self, attn)
-        _register_packed_qkv(self, attn)
+        register_rotary(self, attn)
+        register_packed_qkv(self, attn)
 
     def cache_layout(self) -> dict:
         """How the runtime allocates past_key/past_value for this layer."""
@@ -211,13 +211,13 @@ class CodecRingLowering(nn.Module):
         if codec.dtype == "int4" and self.head_dim % 2:
             raise ValueError(f"an int4 KV cache packs two codes per byte: head_dim {self.head_dim} is odd")
         self.row_width = codec.bytes_per_token() // (2 * self.kv_heads * _BYTES[self.cache_dtype()])
-        _register_rotary(self, attn)
+        register_rotary(self, attn)
         self.scales = codec.quantized and codec.mode == "per-channel"
         if self.scales:
             shape = (1, self.kv_heads, 1, self.head_dim)
             self.register_buffer("k_scale", codec.k_scale.reshape(shape).detach().clone())
             self.register_buffer("v_scale", codec.v_scale.reshape(shape).detach().clone())
-        _register_packed_qkv(self, attn)
+        register_packed_qkv(self, attn)
 
     def cache_dtype(self) -> str:
         if self.kv_cache == "fp16":
@@ -278,7 +278,7 @@ class CodecRingLowering(nn.Module):
 _BYTES = {"float16": 2, "int8": 1, "uint8": 1}
 
 
-def _register_rotary(lowering: nn.Module, attn: EdgeAttention) -> None:
+def register_rotary(lowering: nn.Module, attn: EdgeAttention) -> None:
     """``has_rotary``, ``rotary_scaling`` and the float64 ``inv_freq64`` buffer the ring's angles are computed from."""
     rotary = attn.rotary
     lowering.has_rotary = rotary is not None
@@ -287,7 +287,7 @@ def _register_rotary(lowering: nn.Module, attn: EdgeAttention) -> None:
     lowering.register_buffer("inv_freq64", inv_freq.detach().to(torch.float64).clone())
 
 
-def _register_packed_qkv(lowering: nn.Module, attn: EdgeAttention) -> None:
+def register_packed_qkv(lowering: nn.Module, attn: EdgeAttention) -> None:
     """The layer's q/k/v projections as one MatMul (``qkv_weight_T``, optional ``qkv_bias``)."""
     weight, bias = packed_qkv(attn)
     lowering.register_buffer("qkv_weight_T", weight)

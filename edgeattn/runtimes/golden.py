@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.manifest import read_manifest, verify_files
+from edgeattn.manifest import cache_tokens, read_manifest, verify_files
 from edgeattn.metrics import compare_greedy, compare_logits
 from edgeattn.runtimes.session import PROVIDERS, EdgeLM
 from edgeattn.thresholds import default_bounds, faithfulness_precision
@@ -118,7 +118,7 @@ def token_room(manifest: dict) -> int:
     kv = manifest["kv_cache"]
     limits = [kv["max_positions"]] if kv.get("max_positions") is not None else []
     if not kv["ring"]:
-        limits.append(kv["capacity"])
+        limits.append(cache_tokens(kv))
     return min(limits) if limits else 2**62
 
 

@@ -145,7 +145,8 @@ def folder_candidate(folder: str | Path, name: str, provider: str, threads: int)
         "disk_bytes": roofline.folder_bytes(folder), "weights_bytes": roofline.weights_bytes(folder, manifest),
         "vocab_size": manifest["model"]["vocab_size"], "max_length": manifest["model"]["max_length"],
         "kv_cache": {"codec": kv.get("codec"), "bytes_per_token": kv["bytes_per_token"], "capacity": kv["capacity"],
-                     "ring": kv["ring"], "growing": bool(kv.get("growing", False)), "max_positions": kv.get("max_positions")},
+                     "ring": kv["ring"], "growing": bool(kv.get("growing", False)), "max_positions": kv.get("max_positions"),
+                     **{key: kv[key] for key in ("tokens", "keys_read", "summary_rows") if key in kv}},
     }
     return Candidate(name, lambda: EdgeLM.load(folder, provider=provider, threads=threads), info,
                      lambda tokens, steps: measure_peak_rss(folder, provider, threads, tokens, steps))
@@ -306,7 +307,9 @@ def _measure_decode(models: list[_Model], context: int, options: ProfileOptions,
         stats = _stats(samples[model.name])
         model.entry["decode"].append({"context": context, "ms_per_token": stats,
                                       "tokens_per_s": _sig(1e3 / stats["median"]),
-                                      "kv_bytes": roofline.kv_bytes_held(model.kv, context)})
+                                      "kv_bytes": roofline.kv_bytes_held(model.kv, context),
+                                      "keys_read": roofline.keys_read(model.kv, context),
+                                      "kv_bytes_read": roofline.kv_bytes_read(model.kv, context)})
 
 
 def _measure_ops(model: _Model, options: ProfileOptions, vocab: int, rng: np.random.Generator) -> dict | None:
@@ -392,7 +395,7 @@ def _derive(report: dict, target: Target | None) -> None:
         for row in entry["decode"]:
             if "skipped" in row:
                 continue
-            bytes_read = entry["weights_bytes"] + row["kv_bytes"]
+            bytes_read = entry["weights_bytes"] + row.get("kv_bytes_read", row["kv_bytes"])
             row["bytes_read_per_token"] = bytes_read
             median = row["ms_per_token"]["median"]
             if bandwidth:

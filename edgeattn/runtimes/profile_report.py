@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from edgeattn.errors import EdgeattnError
+from edgeattn.manifest import cache_tokens
 from edgeattn.output_folder import atomic_file, write_text_atomically
 from edgeattn.runtimes.roofline import human_bytes
 
@@ -153,7 +154,7 @@ def _model_rows(report: dict, several: bool) -> tuple[list[str], list[list[str]]
                " ".join(filter(None, [_stat(load), _ratio(entry.get("load_vs_first")) if several else ""])) if load else "-",
                f"{peak['bytes'] / 1e6:.0f}" if peak.get("bytes") else ("failed" if peak.get("error") else "-"),
                str(kv["bytes_per_token"]),
-               f"{kv['capacity']} ({'ring' if kv['ring'] else 'growing' if kv['growing'] else 'full'})"]
+               f"{cache_tokens(kv)} ({'ring' if kv['ring'] else 'growing' if kv['growing'] else 'full'})"]
         if report["target"]:
             fit = entry["target_fit"]
             row.append(f"{'yes' if fit['fits'] else 'NO'}: {human_bytes(fit['required_bytes'])} at {fit['max_length']} tokens")
@@ -178,7 +179,8 @@ def _prefill_rows(report: dict, several: bool) -> tuple[list[str], list[list[str
 
 def _decode_rows(report: dict, several: bool) -> tuple[list[str], list[list[str]]]:
     target = report["target"]
-    headers = ["context", "model", "ms/token (p10-p90)", "tok/s", "KV MB", "roofline ms", "measured/roofline"]
+    headers = ["context", "model", "ms/token (p10-p90)", "tok/s", "keys read", "KV MB", "roofline ms",
+               "measured/roofline"]
     if target:
         headers += [f"{target['name']} bound ms", f"{target['name']} projected ms"]
     if several:
@@ -192,7 +194,7 @@ def _decode_rows(report: dict, several: bool) -> tuple[list[str], list[list[str]
                 if "skipped" in row:
                     continue
                 cells = [str(context), entry["name"], _stat(row["ms_per_token"]), f"{row['tokens_per_s']:.1f}",
-                         f"{row['kv_bytes'] / 1e6:.2f}", _number(row.get("roofline_ms")),
+                         str(row.get("keys_read", "-")), f"{row['kv_bytes'] / 1e6:.2f}", _number(row.get("roofline_ms")),
                          _number(row.get("roofline_ratio"), "x")]
                 if target:
                     cells += [_number(row.get("target_roofline_ms")), _number(row.get("target_projected_ms"))]

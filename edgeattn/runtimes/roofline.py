@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
+from edgeattn.manifest import cache_tokens
 from edgeattn.runtimes.targets import Target
 
 
@@ -36,7 +37,8 @@ def context_limit(kv: dict) -> tuple[int | None, str]:
     """The most tokens the folder's cache can hold (None: unlimited) and why."""
     limits = []
     if not kv["ring"]:
-        limits.append((kv["capacity"], f"the KV cache holds {kv['capacity']} tokens (convert with a larger --max-length)"))
+        tokens = cache_tokens(kv)
+        limits.append((tokens, f"the KV cache holds {tokens} tokens (convert with a larger --max-length)"))
     if kv.get("max_positions") is not None:
         limits.append((kv["max_positions"], f"the position table has {kv['max_positions']} positions"))
     return min(limits) if limits else (None, "")
@@ -45,6 +47,19 @@ def context_limit(kv: dict) -> tuple[int | None, str]:
 def kv_bytes_held(kv: dict, tokens: int) -> int:
     """KV bytes that hold ``tokens`` cached tokens (a ring keeps at most its capacity)."""
     return kv["bytes_per_token"] * (min(tokens, kv["capacity"]) if kv["ring"] else tokens)
+
+
+def keys_read(kv: dict, tokens: int) -> int:
+    """Cached keys one decode step attends to at ``tokens`` of context: those held, or a hierarchical model's
+    budget (sinks + window + selected blocks) once the context passes it."""
+    held = min(tokens, kv["capacity"]) if kv["ring"] else tokens
+    budget = kv.get("keys_read")
+    return min(held, budget) if budget is not None else held
+
+
+def kv_bytes_read(kv: dict, tokens: int) -> int:
+    """KV bytes one decode step reads: its keys and values, and the block summaries it scores."""
+    return kv["bytes_per_token"] * (keys_read(kv, tokens) + kv.get("summary_rows", 0))
 
 
 def kv_bytes_resident(kv: dict, tokens: int) -> int:

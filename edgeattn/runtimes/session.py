@@ -17,7 +17,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.manifest import read_manifest, verify_files
+from edgeattn.manifest import cache_tokens, read_manifest, verify_files
 from edgeattn.runtimes.chat import apply_chat_format
 from edgeattn.runtimes.folder_checks import check_graph, load_tokenizer
 
@@ -121,9 +121,10 @@ class EdgeLM:
 
     def _check_room(self, new_tokens: int) -> None:
         end = self.length + new_tokens
-        if not self.kv["ring"] and end > self.kv["capacity"]:
+        tokens = cache_tokens(self.kv)
+        if not self.kv["ring"] and end > tokens:
             raise ContextFullError(
-                f"KV cache full: {self.length} tokens cached + {new_tokens} new > capacity {self.kv['capacity']} "
+                f"KV cache full: {self.length} tokens cached + {new_tokens} new > capacity {tokens} "
                 "(convert with a larger --max-length, or a --window for constant memory)")
         limit = self.kv.get("max_positions")
         if limit is not None and end > limit:
