@@ -13,6 +13,7 @@ and a dense pass over T keys is what a prefill costs anyway.
 
 from __future__ import annotations
 
+import onnx
 import onnxscript
 from onnxscript import BOOL, FLOAT, INT64  # noqa: F401 - onnxscript reads the type names
 from onnxscript import opset23 as op
@@ -155,11 +156,11 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
             complete = op.LessOrEqual((block_id + one) * block - one, query)  # [L, NB]
             bound = op.Where(complete, bound, op.Constant(value_float=_MASKED))
             chosen, keep = ChosenBlocks(bound)  # [B, H, L, K]
-            kept_blocks = op.ScatterElements(op.Expand(zero_f, op.Shape(bound)), chosen, op.Cast(keep, to=FLOAT.dtype),
-                                             axis=-1)  # [B, H, L, NB]: 1 where kept
+            none_kept = op.Expand(op.Constant(value=onnx.helper.make_tensor("no", onnx.TensorProto.BOOL, [], [False])),
+                                  op.Shape(bound))
+            kept_blocks = op.ScatterElements(none_kept, chosen, keep, axis=-1)  # [B, H, L, NB]
             key_position = op.Range(zero, end, one)  # [T]
-            selected = op.Greater(op.Gather(kept_blocks, op.Div(key_position, block), axis=3),
-                                  op.Constant(value_float=0.5))  # [B, H, L, T]
+            selected = op.Gather(kept_blocks, op.Div(key_position, block), axis=3)  # [B, H, L, T], bool
             key = op.Unsqueeze(key_position, [0])
             always = op.Or(op.Less(query - key, op.Constant(value_int=WINDOW)),
                            op.Less(key, op.Constant(value_int=SINKS)))
