@@ -112,17 +112,16 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
         index = op.Expand(op.Reshape(written, op.Constant(value_ints=[1, 1, -1, 1])), op.Shape(key_update))
         present_key = op.ScatterElements(past_key, index, key_update, axis=2)
         present_value = op.ScatterElements(past_value, index, op.Concat(v, block_min, axis=2), axis=2)
+        all_max = op.Slice(present_key, summary_start, summary_end, axis)  # [B, Hkv, NB, D]
+        all_min = op.Slice(present_value, summary_start, summary_end, axis)
         if fast:
             # Level 1: each query head bounds each block's best score by its keys' per-channel min/max.
-            block_max_all = op.Slice(present_key, summary_start, summary_end, axis)  # [B, Hkv, NB, D]
-            block_min_all = op.Slice(present_value, summary_start, summary_end, axis)
             q_grouped = op.Reshape(q, op.Constant(value_ints=[0, KV_HEADS, GROUP, HEAD_DIM]))  # [B, Hkv, R, D]
-            bound = BlockBounds(q_grouped, block_max_all, block_min_all) + block_mask  # [B, Hkv, R, NB]
+            bound = BlockBounds(q_grouped, all_max, all_min) + block_mask  # [B, Hkv, R, NB]
             chosen, keep = ChosenBlocks(bound)  # [B, Hkv, R, K]
             # Level 2: one row gather per buffer, per query head: the sinks, the W window rows, the chosen blocks.
-            offsets = op.Range(zero, block, one)
-            position = op.Reshape(op.Unsqueeze(chosen * block, _LAST) + offsets,
-                                  op.Constant(value_ints=[0, KV_HEADS, GROUP, -1]))  # [B, Hkv, R, K*bs]
+            chosen_rows = op.Unsqueeze(chosen * block, _LAST) + op.Range(zero, block, one)  # [B, Hkv, R, K, bs]
+            position = op.Reshape(chosen_rows, op.Constant(value_ints=[0, KV_HEADS, GROUP, -1]))  # [B, Hkv, R, K*bs]
             local = op.Range(window_start, window_start + op.Constant(value_ints=[WINDOW]), one)
             if HAS_SINKS:
                 local = op.Concat(op.Constant(value_ints=SINK_ROWS), local, axis=0)  # [S+W]
@@ -133,10 +132,8 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
             keys = op.Reshape(op.GatherND(present_key, row_index, batch_dims=2), per_head)  # [B, H, S+W+K*bs, D]
             values = op.Reshape(op.GatherND(present_value, row_index, batch_dims=2), per_head)
             # A chosen row counts unless it is a sink or in the window (read there) or its block was not kept.
-            counted = op.And(op.And(op.GreaterOrEqual(position, op.Constant(value_int=SINKS)),
-                                    op.Less(position, window_start)),
-                             op.Reshape(op.Expand(op.Unsqueeze(keep, _LAST), op.Concat(
-                                 op.Shape(keep), op.Constant(value_ints=[BLOCK]), axis=0)), op.Shape(position)))
+            counted = op.And(op.And(op.GreaterOrEqual(chosen_rows, op.Constant(value_int=SINKS)),
+                                    op.Less(chosen_rows, window_start)), op.Unsqueeze(keep, _LAST))
             chosen_mask = op.Reshape(op.Where(counted, zero_f, op.Constant(value_float=_MASKED)),
                                      op.Constant(value_ints=[0, HEADS, 1, -1]))
             mask_shape = op.Concat(op.Shape(q, start=0, end=3), op.Shape(local_mask, start=3), axis=0)
@@ -144,8 +141,6 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
             attended = op.Attention(q, keys, values, mask, scale=SCALE)  # [B, H, 1, D]
         else:
             # Every query scores every complete block (dense: a chunk pays O(L*T) anyway).
-            all_max = op.Slice(present_key, summary_start, summary_end, axis)  # [B, Hkv, NB, D]
-            all_min = op.Slice(present_value, summary_start, summary_end, axis)
             length = op.Shape(q_pos)
             q_grouped = op.Reshape(q, op.Constant(value_ints=[0, KV_HEADS, -1, HEAD_DIM]))  # [B, Hkv, R*L, D]
             bound = BlockBounds(q_grouped, all_max, all_min)

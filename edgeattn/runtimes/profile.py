@@ -395,7 +395,7 @@ def _derive(report: dict, target: Target | None) -> None:
         for row in entry["decode"]:
             if "skipped" in row:
                 continue
-            bytes_read = entry["weights_bytes"] + row.get("kv_bytes_read", row["kv_bytes"])
+            bytes_read = entry["weights_bytes"] + row["kv_bytes_read"]
             row["bytes_read_per_token"] = bytes_read
             median = row["ms_per_token"]["median"]
             if bandwidth:
