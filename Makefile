@@ -80,6 +80,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 bench-quality: $(STAMP)
 	$(PY) benchmarks/quality.py

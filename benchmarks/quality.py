@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from edgeattn.calibration import DEFAULT_CALIBRATION_TOKENS, calibration_ids, wikitext_path
+from edgeattn.evaluation.calibration import DEFAULT_CALIBRATION_TOKENS, calibration_ids, wikitext_path
+from edgeattn.evaluation.perplexity import perplexity, text_ids
 from edgeattn.models import load
-from edgeattn.quality import perplexity, text_ids
 from edgeattn.rewrites import gqa_calibration, rewrite
 from edgeattn.spec import AttentionSpec
 

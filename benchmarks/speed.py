@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402  (benchmarks/baselines.py)
 
-from edgeattn.calibration import wikitext_path  # noqa: E402
+from edgeattn.evaluation.calibration import wikitext_path  # noqa: E402
 from edgeattn.runtimes import profile_report, roofline  # noqa: E402
 from edgeattn.runtimes.peak_memory import process_peak_bytes  # noqa: E402
 from edgeattn.runtimes.profile import Candidate, ProfileOptions, decode_step, fill_cache, folder_candidate, profile_candidates  # noqa: E402

@@ -19,7 +19,7 @@ _LAZY = {
     "SpecError": ("edgeattn.spec", "SpecError"),
     "load": ("edgeattn.models", "load"),
     "rewrite": ("edgeattn.rewrites", "rewrite"),
-    "perplexity": ("edgeattn.quality", "perplexity"),
+    "perplexity": ("edgeattn.evaluation.perplexity", "perplexity"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -209,7 +209,7 @@ def quality(model, text_path, calibration_text, context, max_windows, as_json, *
     Example:
       edgeattn quality smollm2 --kv-heads 1 --window 512 --sinks 4 --text valid.txt --context 2048
     """
-    from edgeattn.quality_report import quality_report
+    from edgeattn.evaluation.quality_report import quality_report
 
     spec = _spec_from(spec_kwargs)
     report = _with_progress(lambda progress: quality_report(
@@ -311,7 +311,7 @@ def _with_progress(work, quiet: bool):
 
 def _convert_summary(output, manifest: dict, max_length_given: bool) -> dict:
     from edgeattn.convert import DEFAULT_MAX_LENGTH
-    from edgeattn.manifest import cache_tokens
+    from edgeattn.runtimes.manifest import cache_tokens
 
     size = sum(path.stat().st_size for path in output.iterdir() if path.is_file())
     kv = manifest["kv_cache"]
@@ -361,8 +361,8 @@ def generate(folder, prompt, max_new_tokens, provider, threads, temperature, top
       edgeattn generate out/ "Write a haiku about the sea" --chat --temperature 0.7 --seed 1 --json
       edgeattn generate out/ "Hello" --verify    # first check the files against their recorded sha256
     """
-    from edgeattn.manifest import cache_tokens
     from edgeattn.runtimes import EdgeLM, Generation, SamplingConfig, stream
+    from edgeattn.runtimes.manifest import cache_tokens
 
     try:
         prompt.encode("utf-8")
@@ -496,8 +496,8 @@ def _print_quality(report: dict) -> None:
 
 
 def _threshold_options(command):
-    """One flag per threshold of edgeattn.thresholds (--max-kl ...), collected into ``thresholds``."""
-    from edgeattn.thresholds import THRESHOLDS
+    """One flag per threshold of edgeattn.runtimes.thresholds (--max-kl ...), collected into ``thresholds``."""
+    from edgeattn.runtimes.thresholds import THRESHOLDS
 
     for threshold in reversed(THRESHOLDS.values()):
         bound = "at most" if threshold.upper else "at least"
@@ -547,7 +547,7 @@ def validate(folder, reference, golden, providers, text_path, calibration_text, 
     from pathlib import Path
 
     from edgeattn.recipe import read_recipe
-    from edgeattn.thresholds import user_bounds
+    from edgeattn.runtimes.thresholds import user_bounds
     from edgeattn.user_paths import check_text_file, reporting_write_errors
 
     settings = {"prompts": prompts, "prefill": prefill, "steps": steps, "greedy_tokens": greedy_tokens,
@@ -576,8 +576,8 @@ def validate(folder, reference, golden, providers, text_path, calibration_text, 
                              f"[validate] {', '.join(replayed)}: remove them, or validate without --golden")
         report = validate_golden(folder, providers, bounds, threads)
     else:
-        from edgeattn.validate import ValidateOptions
-        from edgeattn.validate import validate as run_validate
+        from edgeattn.evaluation.validate import ValidateOptions
+        from edgeattn.evaluation.validate import validate as run_validate
 
         if "text" in lengths:
             where = "--text" if text_path else f"recipe {recipe}: [validate] text"
@@ -586,7 +586,7 @@ def validate(folder, reference, golden, providers, text_path, calibration_text, 
                                   calibration_text=Path(calibration_text) if calibration_text else None,
                                   bounds=bounds, threads=threads, **lengths)
         report = _with_progress(lambda progress: run_validate(options, progress=progress), quiet=json_path == "-")
-    from edgeattn.validation_report import write_json, write_junit
+    from edgeattn.runtimes.validation_report import write_json, write_junit
 
     if json_path == "-":
         click.echo(json.dumps(report, indent=2))

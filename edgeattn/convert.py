@@ -22,10 +22,12 @@ import onnx
 import onnxruntime
 import torch
 
-from edgeattn import __version__, metrics
-from edgeattn.calibration import calibration_ids
-from edgeattn.chat_format import flatten_chat_template
+from edgeattn import __version__
 from edgeattn.errors import InvalidOptionError
+from edgeattn.evaluation.calibration import calibration_ids
+from edgeattn.evaluation.quality_report import summarize
+from edgeattn.evaluation.validate import GOLDEN_STEP, calibration_record, write_convert_golden
+from edgeattn.exporters.chat_template import flatten_chat_template
 from edgeattn.exporters.checks import check_graph, fused_op_name
 from edgeattn.exporters.export import PAST_NAME, PRESENT_NAME, export_graph, model_opset
 from edgeattn.exporters.genai_config import genai_config
@@ -33,18 +35,17 @@ from edgeattn.exporters.lowering import ATTENTION_OPS, choose_lowerings
 from edgeattn.exporters.norms import choose_norm_fusion
 from edgeattn.exporters.tokenizer_config import write_tokenizer_config
 from edgeattn.exporters.weights import DEFAULT_BLOCK_SIZE, MATMUL_NBITS_BLOCK_SIZES, check_weights_option, quantize_weights
-from edgeattn.manifest import file_hashes, write_manifest
 from edgeattn.models import load
 from edgeattn.models.sources import gguf_file
-from edgeattn.output_folder import atomic_folder, check_destination
 from edgeattn.progress import Progress, reports_progress
-from edgeattn.quality_report import summarize
 from edgeattn.rewrites import rewrite
+from edgeattn.runtimes import metrics
+from edgeattn.runtimes.manifest import file_hashes, write_manifest
+from edgeattn.runtimes.output_folder import atomic_folder, check_destination
 from edgeattn.runtimes.session import PROVIDERS
+from edgeattn.runtimes.thresholds import WEIGHT_BOUNDS
 from edgeattn.spec import AttentionSpec
-from edgeattn.thresholds import WEIGHT_BOUNDS
 from edgeattn.user_paths import check_text_file, check_writable
-from edgeattn.validate import GOLDEN_STEP, calibration_record, write_convert_golden
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeattn.errors import EdgeattnError
+from edgeattn.runtimes.thresholds import THRESHOLDS
 from edgeattn.spec import AttentionSpec
-from edgeattn.thresholds import THRESHOLDS
 
 WHOLE, NUMBER, TEXT = "a whole number", "a number", "a string"
 CONVERT_KINDS = {"weights": TEXT, "block_size": WHOLE, "attention_op": TEXT, "max_length": WHOLE, "provider": TEXT,

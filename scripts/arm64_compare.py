@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeattn.manifest import read_manifest
-from edgeattn.metrics import compare_greedy, compare_logits
 from edgeattn.runtimes.golden import read_golden, run_runtime
+from edgeattn.runtimes.manifest import read_manifest
+from edgeattn.runtimes.metrics import compare_greedy, compare_logits
 from edgeattn.runtimes.session import EdgeLM
-from edgeattn.thresholds import default_bounds, faithfulness_precision
-from edgeattn.validation_report import comparison
+from edgeattn.runtimes.thresholds import default_bounds, faithfulness_precision
+from edgeattn.runtimes.validation_report import comparison
 
 HOST, BOARD = "x86_64", "aarch64"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from edgeattn.calibration import wikitext_path
+from edgeattn.evaluation.calibration import wikitext_path
 
 # Property tests (tests/test_properties.py): the same cases on every run and machine (a fixed seed,
 # no example database), no per-example deadline (a shared CI core can be slow), max_examples set per test.
@@ -23,7 +23,7 @@ TINY_FAMILIES = ["gpt2", "llama", "mistral", "phi3", "qwen2"]
 # nothing converted. Tests of every other module are marked slow.
 UNIT_MODULES = {
     "test_spec", "test_metrics", "test_reference_tables", "test_attention_vs_reference",
-    "test_output_folder", "test_emulation",
+    "test_output_folder", "test_emulation", "test_layers",
 }
 
 

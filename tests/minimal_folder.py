@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeattn.exporters.export import PAST_NAME, PRESENT_NAME, export_graph
-from edgeattn.manifest import write_manifest
+from edgeattn.runtimes.manifest import write_manifest
 
 
 def exported_folder(folder: Path, decoder, lowerings: list, tokenizer, max_length: int) -> Path:

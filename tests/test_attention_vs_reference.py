@@ -1,4 +1,4 @@
-"""EdgeAttention against the independent oracle (edgeattn.reference), policy x codec x kv heads.
+"""EdgeAttention against the independent oracle (tests.reference), policy x codec x kv heads.
 
 Every case is checked twice: one pass without a cache, and incremental decode through
 the cache (a prefill chunk, single tokens, a final chunk longer than the windows), so
@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeattn.attention import EdgeAttention
-from edgeattn.kv_codec import KVCodec
-from edgeattn.kvcache import KVCacheFullError
-from edgeattn.reference import reference_attention
-from edgeattn.rotary import RotaryEmbedding, default_inv_freq
-from edgeattn.visibility import FullVisibility, HierarchicalVisibility, SinkWindowVisibility
+from edgeattn.models.attention import EdgeAttention
+from edgeattn.models.kv_codec import KVCodec
+from edgeattn.models.kvcache import KVCacheFullError
+from edgeattn.models.rotary import RotaryEmbedding, default_inv_freq
+from edgeattn.models.visibility import FullVisibility, HierarchicalVisibility, SinkWindowVisibility
+from tests.reference import reference_attention
 
 # float32 module vs an oracle that accumulates in float64: only summation order differs
 # (observed max-abs ~2e-7 on outputs of magnitude ~1). The smallest effect under test, the

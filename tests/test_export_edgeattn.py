@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgeattn.calibration import calibration_ids
 from edgeattn.convert import ConvertOptions, convert
+from edgeattn.evaluation.calibration import calibration_ids
 from edgeattn.exporters.checks import GraphCheckError, check_graph, fused_op_name, op_histogram
 from edgeattn.exporters.edgeattn_ops import attach_functions, lowering_for, unsupported_reason
 from edgeattn.exporters.export import cache_names

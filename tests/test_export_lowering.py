@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgeattn.calibration import calibration_ids
 from edgeattn.convert import ConvertOptions, convert
+from edgeattn.evaluation.calibration import calibration_ids
 from edgeattn.exporters.lowering import LoweringError, choose_lowerings
 from edgeattn.models import load
 from edgeattn.rewrites import rewrite

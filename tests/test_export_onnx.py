@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 
-from edgeattn.calibration import calibration_ids
 from edgeattn.convert import ConvertOptions, convert
+from edgeattn.evaluation.calibration import calibration_ids
 from edgeattn.exporters.checks import op_histogram
 from edgeattn.exporters.lowering import LoweringError
 from edgeattn.models import load

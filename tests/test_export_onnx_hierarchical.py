@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgeattn.calibration import calibration_ids
 from edgeattn.convert import ConvertOptions, convert
+from edgeattn.evaluation.calibration import calibration_ids
 from edgeattn.exporters.onnx_attention import lowering_for
 from edgeattn.exporters.onnx_hierarchical import HierarchicalAttentionLowering
 from edgeattn.models import load

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgeattn.calibration import calibration_ids
 from edgeattn.convert import ConvertOptions, convert
+from edgeattn.evaluation.calibration import calibration_ids
 from edgeattn.exporters.checks import op_histogram
 from edgeattn.exporters.export import cache_names
 from edgeattn.exporters.onnx_attention import lowering_for

@@ -14,10 +14,10 @@ import sys
 
 import pytest
 
-from edgeattn.calibration import WIKITEXT_ENV, default_evaluation_text, wikitext_path
 from edgeattn.console import ProgressDisplay
+from edgeattn.evaluation.calibration import WIKITEXT_ENV, default_evaluation_text, wikitext_path
+from edgeattn.evaluation.perplexity import choose_windows
 from edgeattn.progress import report, reports_progress
-from edgeattn.quality import choose_windows
 
 # What other libraries print that says nothing to an edgeattn user (issue: a user's first run).
 NOISE = ("torchvision", "LeafSpec", "The axis name", "Converting and de-quantizing", "Loading weights",

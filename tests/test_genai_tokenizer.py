@@ -15,8 +15,8 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from edgeattn.calibration import default_evaluation_text
 from edgeattn.convert import ConvertOptions, convert
+from edgeattn.evaluation.calibration import default_evaluation_text
 from edgeattn.exporters.tokenizer_config import (
     BYTE_LEVEL_BPE,
     SENTENCEPIECE_BPE,

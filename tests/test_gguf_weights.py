@@ -333,7 +333,7 @@ MIN_TOP1, MAX_PPL_DELTA, MAX_KL = 0.95, 0.01, 0.01
 @pytest.mark.real_model
 @pytest.mark.wikitext
 def test_smollm2_from_its_gguf_stays_close_to_the_dequantized_model(tmp_path):
-    from edgeattn.validate import ValidateOptions, validate
+    from edgeattn.evaluation.validate import ValidateOptions, validate
     from tests.conftest import wikitext_or_skip
 
     text = wikitext_or_skip("test")

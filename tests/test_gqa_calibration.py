@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgeattn.calibration import calibration_ids, read_text
+from edgeattn.evaluation.calibration import calibration_ids, read_text
+from edgeattn.evaluation.perplexity import perplexity, text_ids
 from edgeattn.models import load
-from edgeattn.quality import perplexity, text_ids
 from edgeattn.rewrites import RewriteError, gqa_calibration, rewrite
 from edgeattn.spec import AttentionSpec
 from tests.conftest import TINY_FAMILIES, wikitext_or_skip

@@ -19,9 +19,9 @@ from tokenizers import Tokenizer, models
 
 from edgeattn.cli import main
 from edgeattn.convert import ConvertOptions, convert
-from edgeattn.manifest import MANIFEST_NAME, SCHEMA_PATH
 from edgeattn.models import load_hf
-from edgeattn.schema_check import first_problem
+from edgeattn.runtimes.manifest import MANIFEST_NAME, SCHEMA_PATH
+from edgeattn.runtimes.schema_check import first_problem
 
 CODE_REFUSED = "asks to run its own code (auto_map); edgeattn never runs code from a checkpoint"
 EVIL_MODULE = """\

@@ -49,19 +49,19 @@ def folder(tmp_path_factory) -> Path:
 def never_loads(monkeypatch):
     """Every way a command loads a model or a folder fails the test."""
     import edgeattn.convert
-    import edgeattn.quality_report
-    import edgeattn.validate
+    import edgeattn.evaluation.quality_report
+    import edgeattn.evaluation.validate
     from edgeattn.runtimes import golden, profile
     from edgeattn.runtimes.session import EdgeLM
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the options were checked")
 
-    for module in (edgeattn.convert, edgeattn.quality_report, edgeattn.validate):
+    for module in (edgeattn.convert, edgeattn.evaluation.quality_report, edgeattn.evaluation.validate):
         monkeypatch.setattr(module, "load", loaded)
     monkeypatch.setattr(EdgeLM, "load", classmethod(loaded))
     monkeypatch.setattr(golden, "read_manifest", loaded)
-    monkeypatch.setattr(edgeattn.validate, "read_manifest", loaded)
+    monkeypatch.setattr(edgeattn.evaluation.validate, "read_manifest", loaded)
     monkeypatch.setattr(profile, "read_manifest", loaded)
 
 
@@ -195,7 +195,7 @@ def test_quality_context_zero_through_the_api_is_one_error():
     import torch
 
     from edgeattn.errors import EdgeattnError
-    from edgeattn.quality import perplexity
+    from edgeattn.evaluation.perplexity import perplexity
 
     with pytest.raises(EdgeattnError, match="context"):
         perplexity(None, torch.arange(100), context=0)
@@ -235,8 +235,8 @@ def test_missing_text_file_is_named_before_loading(never_loads, tmp_path):
 
 
 def test_calibration_text_not_utf8_through_the_api(tmp_path):
-    from edgeattn.calibration import read_text
     from edgeattn.errors import EdgeattnError
+    from edgeattn.evaluation.calibration import read_text
 
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(NOT_UTF8)
@@ -315,9 +315,9 @@ def test_ctrl_c_during_convert_exits_130_and_leaves_nothing(monkeypatch, tmp_pat
 
 
 def test_ctrl_c_during_quality_exits_130(monkeypatch):
-    import edgeattn.quality_report
+    import edgeattn.evaluation.quality_report
 
-    monkeypatch.setattr(edgeattn.quality_report, "perplexity", _interrupt)
+    monkeypatch.setattr(edgeattn.evaluation.quality_report, "perplexity", _interrupt)
     result = run("quality", "tiny-llama", "--context", "64", "--json")
     assert result.exit_code == 130 and result.output.strip() == "edgeattn: interrupted", result.output
 
@@ -422,14 +422,14 @@ def test_convert_tiny_gpt2_defaults_to_its_position_limit(tmp_path):
 # -- errors from other libraries: one line ----------------------------------------------------
 
 def test_multi_line_errors_are_condensed_to_one_line(monkeypatch, tmp_path):
-    import edgeattn.quality_report
+    import edgeattn.evaluation.quality_report
     from edgeattn.models import ModelLoadError
 
     def failing(*args, **kwargs):
         raise ModelLoadError("model/config.json: cannot be read (Unrecognized model.\n\n  Should have a\n"
                              "`model_type` key\n)")
 
-    monkeypatch.setattr(edgeattn.quality_report, "load", failing)
+    monkeypatch.setattr(edgeattn.evaluation.quality_report, "load", failing)
     line = one_line_exit_2(run("quality", "tiny-llama", "--json"))
     assert "Unrecognized model. Should have a `model_type` key )" in line
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from edgeattn import metrics
-from edgeattn.thresholds import THRESHOLDS, ThresholdKeyError, check, default_bounds
+from edgeattn.runtimes import metrics
+from edgeattn.runtimes.thresholds import THRESHOLDS, ThresholdKeyError, check, default_bounds
 
 EXACT = 1e-12  # float64 arithmetic on a handful of numbers
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeattn import output_folder
-from edgeattn.manifest import MANIFEST_NAME
-from edgeattn.output_folder import (
+from edgeattn.runtimes import output_folder
+from edgeattn.runtimes.manifest import MANIFEST_NAME
+from edgeattn.runtimes.output_folder import (
     OutputExistsError,
     UnsafeOutputError,
     atomic_file,
@@ -233,7 +233,7 @@ def test_force_swaps_in_one_step_so_the_destination_is_never_missing(tmp_path, m
 
 def _run_and_die(script: str) -> None:
     """Run ``script`` in a child that kills itself with SIGKILL where the script says ``die()``."""
-    prelude = "import os, signal\nfrom pathlib import Path\nfrom edgeattn import output_folder\n" \
+    prelude = "import os, signal\nfrom pathlib import Path\nfrom edgeattn.runtimes import output_folder\n" \
               "def die():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
     result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], capture_output=True, text=True)
     assert result.returncode == -signal.SIGKILL, result.stderr

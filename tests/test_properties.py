@@ -264,17 +264,17 @@ def assert_clean_exit(world: Path, args: list[str]):
 def stubbed_loads():
     """Within ``with``: every model load ends in one EdgeattnError, so options are all that run."""
     import edgeattn.convert
-    import edgeattn.quality_report
-    import edgeattn.validate
+    import edgeattn.evaluation.quality_report
+    import edgeattn.evaluation.validate
     from edgeattn.runtimes import golden, profile
 
     def stub(*args, **kwargs):
         raise EdgeattnError(STUB)
 
     with pytest.MonkeyPatch.context() as patch:
-        for module in (edgeattn.convert, edgeattn.quality_report, edgeattn.validate):
+        for module in (edgeattn.convert, edgeattn.evaluation.quality_report, edgeattn.evaluation.validate):
             patch.setattr(module, "load", stub)
-        patch.setattr(edgeattn.validate, "validate", stub)
+        patch.setattr(edgeattn.evaluation.validate, "validate", stub)
         patch.setattr(golden, "validate_golden", stub)
         patch.setattr(profile, "profile", stub)
         yield
@@ -442,7 +442,7 @@ def unhashed_manifest(original_manifest) -> dict:
 @settings(max_examples=300)
 @given(st.data())
 def test_any_damaged_manifest_is_read_or_refused_in_one_error(damaged_copy, original_manifest, data):
-    from edgeattn.manifest import read_manifest
+    from edgeattn.runtimes.manifest import read_manifest
 
     damaged = _mutated(original_manifest, data.draw(manifest_mutations(original_manifest)))
     (damaged_copy / "edgeattn.json").write_text(json.dumps(damaged))
@@ -470,7 +470,7 @@ def test_any_damaged_manifest_loads_and_runs_a_token_or_is_refused(damaged_copy,
 @settings(max_examples=150)
 @given(st.one_of(st.binary(max_size=300), TEXT.map(str.encode)))
 def test_any_bytes_as_a_manifest_are_refused_in_one_error(damaged_copy, raw):
-    from edgeattn.manifest import read_manifest
+    from edgeattn.runtimes.manifest import read_manifest
 
     (damaged_copy / "edgeattn.json").write_bytes(raw)
     try:

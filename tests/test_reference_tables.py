@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeattn.kv_codec import KVCodec
-from edgeattn.kvcache import LayerKVCache
-from edgeattn.reference import reference_attention
-from edgeattn.visibility import FullVisibility, HierarchicalVisibility, SinkWindowVisibility
+from edgeattn.models.kv_codec import KVCodec
+from edgeattn.models.kvcache import LayerKVCache
+from edgeattn.models.visibility import FullVisibility, HierarchicalVisibility, SinkWindowVisibility
+from tests.reference import reference_attention
 
 # --- sliding window + sinks -----------------------------------------------------------------
 

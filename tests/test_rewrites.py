@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from edgeattn.calibration import calibration_ids
-from edgeattn.kvcache import KVCacheFullError
+from edgeattn.evaluation.calibration import calibration_ids
 from edgeattn.models import load
+from edgeattn.models.kvcache import KVCacheFullError
 from edgeattn.rewrites import ORDER, RewriteError, rewrite
 from edgeattn.rewrites._swap import for_each_attention
 from edgeattn.spec import AttentionSpec

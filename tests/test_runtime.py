@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from edgeattn.convert import ConvertOptions, convert
-from edgeattn.manifest import FORMAT_VERSION, ManifestError
 from edgeattn.runtimes import EdgeLM, RuntimeLoadError, SamplingConfig, generate
 from edgeattn.runtimes.generate import next_token
+from edgeattn.runtimes.manifest import FORMAT_VERSION, ManifestError
 
 
 @pytest.fixture(scope="module")

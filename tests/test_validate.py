@@ -16,15 +16,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgeattn.calibration import calibration_ids, default_calibration_text
 from edgeattn.cli import main
 from edgeattn.convert import ConvertOptions, convert
-from edgeattn.manifest import file_hashes
+from edgeattn.evaluation.calibration import calibration_ids, default_calibration_text
 from edgeattn.models import load
 from edgeattn.rewrites import rewrite
 from edgeattn.runtimes.golden import provider_comparisons, read_golden
+from edgeattn.runtimes.manifest import file_hashes
+from edgeattn.runtimes.thresholds import default_bounds
 from edgeattn.spec import AttentionSpec
-from edgeattn.thresholds import default_bounds
 
 # Small lengths keep every validate run to a few seconds on the tiny models.
 LENGTHS = ("--prefill", "8", "--steps", "16", "--greedy-tokens", "8")

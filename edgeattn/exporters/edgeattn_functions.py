@@ -40,7 +40,7 @@ import onnxscript
 from onnxscript import BOOL, FLOAT, FLOAT16, INT8, INT64, UINT8
 from onnxscript import opset23 as op
 
-from edgeattn.kv_codec import _FP16_TINY, KEY_GROUP
+from edgeattn.models.kv_codec import _FP16_TINY, KEY_GROUP
 
 DOMAIN = "edgeattn"
 VERSION = 1
@@ -71,7 +71,7 @@ def SplitHeads(x, heads: int):
 
 @onnxscript.script(EDGEATTN, default_opset=op)
 def Rope(x, positions, inv_freq, rotary_scaling: float):
-    """x [B, heads, N, D] rotated by positions [N] (rotate-half layout, as edgeattn.rotary).
+    """x [B, heads, N, D] rotated by positions [N] (rotate-half layout, as edgeattn.models.rotary).
 
     Learned-position models pass inv_freq = zeros: rotation by angle 0 is exactly x.
     """

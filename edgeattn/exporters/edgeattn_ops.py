@@ -30,10 +30,10 @@ import onnx
 import torch
 from torch import nn
 
-from edgeattn.attention import EdgeAttention
 from edgeattn.exporters import edgeattn_functions
+from edgeattn.models.attention import EdgeAttention
+from edgeattn.models.visibility import FullVisibility, HierarchicalVisibility, SinkWindowVisibility
 from edgeattn.spec import AttentionSpec
-from edgeattn.visibility import FullVisibility, HierarchicalVisibility, SinkWindowVisibility
 
 NAME = "edgeattn"
 DOMAIN = edgeattn_functions.DOMAIN

@@ -43,12 +43,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeattn.attention import EdgeAttention
 from edgeattn.exporters.onnx_hierarchical import HierarchicalAttentionLowering
 from edgeattn.exporters.onnx_quant_cache import QuantCacheLowering
 from edgeattn.exporters.onnx_ring import CodecRingLowering, RingAttentionLowering
+from edgeattn.models.attention import EdgeAttention
+from edgeattn.models.visibility import HierarchicalVisibility, SinkWindowVisibility
 from edgeattn.spec import AttentionSpec
-from edgeattn.visibility import HierarchicalVisibility, SinkWindowVisibility
 
 NAME = "onnx"
 OPSET = 24  # TensorScatter, Attention's nonpad_kv_seqlen

@@ -31,9 +31,9 @@ import onnx
 import torch
 from torch import nn
 
-from edgeattn.attention import EdgeAttention
 from edgeattn.exporters import onnx_hierarchical_function, onnx_ring_function, rope_angles
 from edgeattn.exporters.onnx_ring import MASKED, register_packed_qkv, register_rotary
+from edgeattn.models.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
 
 NAME = "onnx"

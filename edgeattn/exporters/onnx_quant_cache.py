@@ -18,9 +18,9 @@ import onnx
 import torch
 from torch import nn
 
-from edgeattn.attention import EdgeAttention
 from edgeattn.exporters import edgeattn_functions
 from edgeattn.exporters.packed_qkv import packed_qkv, split_heads
+from edgeattn.models.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
 
 NAME = "onnx"

@@ -54,9 +54,9 @@ import onnx
 import torch
 from torch import nn
 
-from edgeattn.attention import EdgeAttention
 from edgeattn.exporters import edgeattn_functions, onnx_ring_function, rope_angles
 from edgeattn.exporters.packed_qkv import packed_qkv
+from edgeattn.models.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
 
 NAME = "onnx"

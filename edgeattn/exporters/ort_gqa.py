@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeattn.attention import EdgeAttention
 from edgeattn.exporters.packed_qkv import packed_qkv
+from edgeattn.models.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
 
 NAME = "ort"

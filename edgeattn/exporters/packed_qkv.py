@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeattn.attention import EdgeAttention
+from edgeattn.models.attention import EdgeAttention
 
 
 def packed_qkv(attn: EdgeAttention) -> tuple[torch.Tensor, torch.Tensor | None]:

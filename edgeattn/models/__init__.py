@@ -1,4 +1,9 @@
-"""Loading models: any supported checkpoint -> edgeattn's canonical Decoder."""
+"""Loading models: any supported checkpoint -> edgeattn's canonical Decoder, and the attention core it runs.
+
+``decoder`` is the canonical model; ``attention`` (one layer: projections, rotary, cache, visibility),
+``visibility`` (which keys a query sees), ``kvcache`` and ``kv_codec`` (how keys and values are stored) and
+``rotary`` are what rewrites change and exporters lower.
+"""
 
 from __future__ import annotations
 

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeattn.attention import EdgeAttention
 from edgeattn.errors import InvalidOptionError
-from edgeattn.kvcache import DecoderCache
-from edgeattn.rotary import RotaryEmbedding, default_inv_freq
+from edgeattn.models.attention import EdgeAttention
+from edgeattn.models.kvcache import DecoderCache
+from edgeattn.models.rotary import RotaryEmbedding, default_inv_freq
 
 ACTIVATIONS = {
     "silu": F.silu,

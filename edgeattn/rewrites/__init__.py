@@ -50,7 +50,7 @@ def rewrite(model, spec: AttentionSpec, calibration: torch.Tensor | None = None)
     """Rewrite ``model`` (an ``edgeattn.models.Decoder``) in place into ``spec``'s attention form.
 
     ``calibration``: token ids [1, T] for the calibrated steps (calibrated GQA, per-channel
-    KV scales); see ``edgeattn.calibration.calibration_ids``.
+    KV scales); see ``edgeattn.evaluation.calibration.calibration_ids``.
     """
     report = RewriteReport(spec)
     for name, applies, apply in ORDER:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from edgeattn.attention import EdgeAttention
 from edgeattn.errors import EdgeattnError
+from edgeattn.models.attention import EdgeAttention
 
 
 class RewriteError(EdgeattnError, ValueError):

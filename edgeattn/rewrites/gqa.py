@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeattn.kv_codec import KVCodec
 from edgeattn.rewrites._swap import LayerChange, RewriteError, for_each_attention
+from edgeattn.rewrites.gqa_calibration import calibrated_merge
+from edgeattn.rewrites.kv_projections import NAME, set_kv_projections
 from edgeattn.spec import AttentionSpec
-
-NAME = "gqa"
 
 
 def applies(spec: AttentionSpec) -> bool:
@@ -33,8 +32,6 @@ def merge_kv_heads(model, spec: AttentionSpec, calibration: torch.Tensor | None 
                 f"kv_heads={target} must divide the model's {attn.num_kv_heads} kv heads "
                 f"(and so its {attn.num_heads} query heads)")
     if spec.gqa_method == "calibrated":
-        from edgeattn.rewrites.gqa_calibration import calibrated_merge
-
         return calibrated_merge(model, spec, calibration)
 
     def change(index, attn) -> str:
@@ -47,14 +44,6 @@ def merge_kv_heads(model, spec: AttentionSpec, calibration: torch.Tensor | None 
     return for_each_attention(model, NAME, change)
 
 
-def set_kv_projections(attn, kv_heads: int, k_weight, k_bias, v_weight, v_bias) -> None:
-    """Install merged K/V projections ([kv_heads*D, hidden]) on an EdgeAttention."""
-    attn.k_proj = _linear(k_weight, k_bias)
-    attn.v_proj = _linear(v_weight, v_bias)
-    attn.num_kv_heads = kv_heads
-    attn.codec = KVCodec(attn.codec.dtype, attn.codec.mode, kv_heads, attn.head_dim)
-
-
 def _mean_groups(proj: nn.Linear, source: int, target: int, head_dim: int):
     ratio = source // target
     weight = proj.weight.detach().view(target, ratio, head_dim, -1).mean(1).reshape(target * head_dim, -1)
@@ -62,12 +51,3 @@ def _mean_groups(proj: nn.Linear, source: int, target: int, head_dim: int):
     if proj.bias is not None:
         bias = proj.bias.detach().view(target, ratio, head_dim).mean(1).reshape(-1)
     return weight, bias
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer

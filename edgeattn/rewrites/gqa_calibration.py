@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from edgeattn.progress import report
 from edgeattn.rewrites._swap import LayerChange, RewriteError, for_each_attention
-from edgeattn.rewrites.gqa import NAME, set_kv_projections
+from edgeattn.rewrites.kv_projections import NAME, set_kv_projections
 from edgeattn.spec import AttentionSpec
 
 # Fitting. Calibration ids are cut into sequences of CALIBRATION_WINDOW tokens, so the fit sees
@@ -87,7 +87,7 @@ def calibrated_merge(model, spec: AttentionSpec, calibration: torch.Tensor | Non
     the model as it was before the merge, on the same ids.
     """
     if calibration is None:
-        raise RewriteError("gqa_method='calibrated' needs calibration token ids (see edgeattn.calibration)")
+        raise RewriteError("gqa_method='calibrated' needs calibration token ids (see edgeattn.evaluation.calibration)")
     teacher = copy.deepcopy(model).eval() if spec.uptrain_steps else None
     changes = _merge_during_forward(model, _windows(calibration[:, :FIT_TOKENS], CALIBRATION_WINDOW), spec.kv_heads)
     if teacher is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeattn.kv_codec import KVCodec
+from edgeattn.models.kv_codec import KVCodec
 from edgeattn.rewrites._swap import LayerChange, for_each_attention
 from edgeattn.spec import AttentionSpec
 

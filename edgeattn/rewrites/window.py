@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from edgeattn.models.visibility import SinkWindowVisibility
 from edgeattn.rewrites._swap import LayerChange, for_each_attention
 from edgeattn.spec import AttentionSpec
-from edgeattn.visibility import SinkWindowVisibility
 
 NAME = "window"
 

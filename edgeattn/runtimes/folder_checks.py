@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from edgeattn.manifest import ManifestError
+from edgeattn.runtimes.manifest import ManifestError
 
 GRAPH_INPUTS = ("input_ids", "attention_mask")
 GRAPH_LOGITS = "logits"

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.manifest import cache_tokens, read_manifest, verify_files
-from edgeattn.metrics import compare_greedy, compare_logits
+from edgeattn.runtimes.manifest import cache_tokens, read_manifest, verify_files
+from edgeattn.runtimes.metrics import compare_greedy, compare_logits
 from edgeattn.runtimes.session import PROVIDERS, EdgeLM
-from edgeattn.thresholds import default_bounds, faithfulness_precision
-from edgeattn.validation_report import build_report, comparison
+from edgeattn.runtimes.thresholds import default_bounds, faithfulness_precision
+from edgeattn.runtimes.validation_report import build_report, comparison
 
 GOLDEN_FILE = "golden.npz"
 GOLDEN_VERSION = 1

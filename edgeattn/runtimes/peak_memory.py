@@ -53,7 +53,7 @@ def process_peak_bytes() -> int | None:
 def _main(folder: str, provider: str, threads: str, tokens: str, decode_steps: str) -> None:
     import numpy as np
 
-    from edgeattn.runtimes.profile import decode_step, fill_cache
+    from edgeattn.runtimes.decode_steps import decode_step, fill_cache
     from edgeattn.runtimes.session import EdgeLM
 
     lm = EdgeLM.load(folder, provider=provider, threads=int(threads))

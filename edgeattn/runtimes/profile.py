@@ -43,10 +43,11 @@ import onnxruntime as ort
 
 from edgeattn import __version__
 from edgeattn.errors import InvalidOptionError
-from edgeattn.manifest import read_manifest
 from edgeattn.runtimes import roofline
 from edgeattn.runtimes.bandwidth import measure_read_bandwidth
+from edgeattn.runtimes.decode_steps import FILL_CHUNK, decode_step, fill_cache, ms_since
 from edgeattn.runtimes.emulation import detect_emulation
+from edgeattn.runtimes.manifest import read_manifest
 from edgeattn.runtimes.ops_profile import ProfilingSession, top_ops
 from edgeattn.runtimes.peak_memory import METHOD as MEMORY_METHOD
 from edgeattn.runtimes.peak_memory import measure_peak_rss
@@ -57,7 +58,6 @@ SCHEMA = "edgeattn-profile"
 SCHEMA_VERSION = 1
 DEFAULT_CONTEXTS = (128, 512, 2048, 4096)
 DEFAULT_PROMPT_LENGTHS = (128, 512)
-FILL_CHUNK = 512  # tokens per prefill call when filling the cache to a context
 MAX_LOAD_REPEATS = 5  # loading is slow and steady; more samples add little
 OPS_TOP = 10
 SEED = 0
@@ -251,7 +251,7 @@ def _measure(models: list[_Model], options: ProfileOptions, threads: int, report
             _settle(len(models))
             started = time.perf_counter()
             model.candidate.load()
-            load_ms[model.name].append(_ms_since(started))
+            load_ms[model.name].append(ms_since(started))
     for model in models:
         model.entry["load_ms"] = _stats(load_ms[model.name])
 
@@ -283,7 +283,7 @@ def _measure_prefill(models: list[_Model], length: int, options: ProfileOptions,
             _settle(len(active))
             started = time.perf_counter()
             int(np.argmax(model.lm.forward(prompt)[0]))
-            samples[model.name].append(_ms_since(started))
+            samples[model.name].append(ms_since(started))
     for model in active:
         stats = _stats(samples[model.name])
         model.entry["prefill"].append({"prompt_tokens": length, "ttft_ms": stats,
@@ -337,23 +337,6 @@ def _active(models: list[_Model], tokens: int, key: str, label: dict) -> list[_M
     return active
 
 
-def fill_cache(lm: EdgeLM, tokens: int, vocab: int, rng: np.random.Generator) -> int:
-    """Empty the cache, prefill ``tokens`` random ids in chunks; return the greedy next token."""
-    lm.reset(1)
-    logits = None
-    while lm.length < tokens:
-        logits = lm.forward(rng.integers(0, vocab, size=(1, min(FILL_CHUNK, tokens - lm.length))))
-    return int(np.argmax(logits[0]))
-
-
-def decode_step(lm: EdgeLM, token: int) -> tuple[int, float]:
-    """One decode step: (greedy next token, milliseconds of the forward pass)."""
-    started = time.perf_counter()
-    logits = lm.forward(np.array([[token]], dtype=np.int64))
-    elapsed = _ms_since(started)
-    return int(np.argmax(logits[0])), elapsed
-
-
 def _settle(models: int) -> None:
     """Before timing one of several models: wait until this process's threads are idle.
 
@@ -370,10 +353,6 @@ def _settle(models: int) -> None:
         time.sleep(SETTLE_WINDOW_S)
         if time.process_time() - before < SETTLE_IDLE_CPU_S:
             return
-
-
-def _ms_since(started: float) -> float:
-    return (time.perf_counter() - started) * 1e3
 
 
 def _stats(samples_ms: list[float]) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.manifest import cache_tokens
+from edgeattn.runtimes.manifest import cache_tokens
 from edgeattn.runtimes.targets import Target
 
 

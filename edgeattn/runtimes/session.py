@@ -17,9 +17,9 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.manifest import cache_tokens, read_manifest, verify_files
 from edgeattn.runtimes.chat import apply_chat_format
 from edgeattn.runtimes.folder_checks import check_graph, load_tokenizer
+from edgeattn.runtimes.manifest import cache_tokens, read_manifest, verify_files
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

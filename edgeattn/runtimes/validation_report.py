@@ -14,8 +14,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from edgeattn import __version__
-from edgeattn.output_folder import write_text_atomically
-from edgeattn.thresholds import check
+from edgeattn.runtimes.output_folder import write_text_atomically
+from edgeattn.runtimes.thresholds import check
 
 SCHEMA = "edgeattn.validate"
 SCHEMA_VERSION = 1

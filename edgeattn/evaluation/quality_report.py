@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 
-from edgeattn.calibration import calibration_ids, default_evaluation_text, read_text
+from edgeattn.evaluation.calibration import calibration_ids, default_evaluation_text, read_text
+from edgeattn.evaluation.perplexity import check_windows, choose_windows, perplexity, text_ids
 from edgeattn.models import load
 from edgeattn.progress import Progress, report, reports_progress
-from edgeattn.quality import check_windows, choose_windows, perplexity, text_ids
 from edgeattn.rewrites import RewriteReport, rewrite
 from edgeattn.spec import AttentionSpec
 

@@ -63,7 +63,7 @@ def wikitext_path(split: str) -> Path | None:
     if WIKITEXT_ENV in os.environ:
         roots = [Path(os.environ[WIKITEXT_ENV])]
     else:
-        here = Path(__file__).resolve().parent.parent
+        here = Path(__file__).resolve().parents[2]  # the repository, in a development checkout
         roots = [here.parent / "shared/data/wikitext-2", Path.cwd().parent / "shared/data/wikitext-2"]
     for root in roots:
         path = root / f"{split}.txt"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from edgeattn.errors import EdgeattnError
-from edgeattn.manifest import MANIFEST_NAME
+from edgeattn.runtimes.manifest import MANIFEST_NAME
 
 STAGING_SUFFIX = ".edgeattn-staging"
 STAGING_MARKER = "edgeattn-staging.json"

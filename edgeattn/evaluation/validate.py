@@ -3,7 +3,7 @@
 Per onnxruntime provider, two comparisons over the same text:
 * ``export:<provider>`` — against the rewritten PyTorch model, rebuilt from the manifest (source
   model + spec + the calibration text convert recorded): is the export faithful? Gated by the
-  defaults of the folder's precision (``edgeattn.thresholds``), each overridable.
+  defaults of the folder's precision (``edgeattn.runtimes.thresholds``), each overridable.
 * ``rewrite:<provider>`` — against the original model: what did the rewrite and the weight
   precision cost? Gated only by the user's bounds; it also reports the KV-cache SQNR.
 With several providers they are also compared with each other.
@@ -35,10 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeattn.calibration import DEFAULT_CALIBRATION_TOKENS, calibration_ids, default_calibration_text, read_text
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.manifest import read_manifest
-from edgeattn.metrics import compare_greedy, compare_logits, sqnr_from_energies
+from edgeattn.evaluation.calibration import DEFAULT_CALIBRATION_TOKENS, calibration_ids, default_calibration_text, read_text
 from edgeattn.models import load
 from edgeattn.progress import Progress, report, reports_progress
 from edgeattn.rewrites import rewrite
@@ -51,9 +49,11 @@ from edgeattn.runtimes.golden import (
     run_runtime,
     write_golden,
 )
+from edgeattn.runtimes.manifest import read_manifest
+from edgeattn.runtimes.metrics import compare_greedy, compare_logits, sqnr_from_energies
+from edgeattn.runtimes.thresholds import default_bounds, faithfulness_precision, user_bounds
+from edgeattn.runtimes.validation_report import build_report, comparison
 from edgeattn.spec import AttentionSpec
-from edgeattn.thresholds import default_bounds, faithfulness_precision, user_bounds
-from edgeattn.validation_report import build_report, comparison
 
 DEFAULT_PROMPTS, DEFAULT_PREFILL, DEFAULT_STEPS, DEFAULT_GREEDY_TOKENS = 2, 32, 64, 32
 # golden.npz: small enough to ship in every folder (SmolLM2: 2 x 8 rows x 49152 logits = 3 MB).

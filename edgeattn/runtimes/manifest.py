@@ -16,13 +16,13 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from edgeattn.errors import EdgeattnError
-from edgeattn.schema_check import first_problem
+from edgeattn.runtimes.schema_check import first_problem
 
 MANIFEST_NAME = "edgeattn.json"
 FORMAT = "edgeattn"
 FORMAT_VERSION = 1
 HASHES = "sha256"
-SCHEMA_PATH = Path(__file__).parent / "runtimes" / "manifest.schema.json"
+SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 
 class ManifestError(EdgeattnError, ValueError):

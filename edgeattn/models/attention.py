@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeattn.kv_codec import KVCodec
-from edgeattn.kvcache import KVCacheFullError, LayerKVCache
-from edgeattn.rotary import RotaryEmbedding
-from edgeattn.visibility import FullVisibility
+from edgeattn.models.kv_codec import KVCodec
+from edgeattn.models.kvcache import KVCacheFullError, LayerKVCache
+from edgeattn.models.rotary import RotaryEmbedding
+from edgeattn.models.visibility import FullVisibility
 
 
 class EdgeAttention(nn.Module):
