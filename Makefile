@@ -70,7 +70,7 @@ demo: $(STAMP)
 	@echo '  $(DEMO_DIR)/profile.png   decode ms/token against context'
 	@echo 'Try: $(EDGEATTN) generate $(DEMO_OUT) "your prompt" --chat'
 
-# Everything; one test file per worker, so a module's conversions are made once.
+# Everything, one test file per worker; each worker converts a tiny-model folder once for all its files.
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile --durations=30
 

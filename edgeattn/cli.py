@@ -8,8 +8,11 @@ import logging
 import sys
 
 import click
+from click.core import ParameterSource
 
 from edgeattn import __version__
+from edgeattn.choices import ATTENTION_OPS, BLOCK_SELECTS, GQA_METHODS, KV_CACHE_PRECISIONS, KV_QUANT_MODES, WEIGHTS_PRECISIONS
+from edgeattn.runtimes.session import PROVIDERS
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -114,7 +117,7 @@ def spec_options(command):
     """The AttentionSpec flags: one flag per spec field."""
     options = [
         click.option("--kv-heads", type=int, help="Merge KV heads into N groups (GQA; 1 = MQA)."),
-        click.option("--gqa-method", type=click.Choice(["calibrated", "mean"]), default="calibrated", show_default=True),
+        click.option("--gqa-method", type=click.Choice(GQA_METHODS), default="calibrated", show_default=True),
         click.option("--uptrain-steps", type=int, default=0, show_default=True,
                      help="Distillation steps after a calibrated merge."),
         click.option("--window", type=int, help="Sliding window: attend to the last W tokens (ring-buffer cache)."),
@@ -122,8 +125,11 @@ def spec_options(command):
         click.option("--block-size", type=int, help="Hierarchical attention: block size B."),
         click.option("--top-blocks", type=int, help="Hierarchical attention: blocks kept per query."),
         click.option("--block-mass", type=float, help="Hierarchical attention: keep blocks until this estimated mass."),
-        click.option("--kv-cache", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True),
-        click.option("--kv-quant", type=click.Choice(["per-channel", "per-token"]), default="per-channel", show_default=True),
+        click.option("--block-select", type=click.Choice(BLOCK_SELECTS), default="query-head", show_default=True,
+                     help="Hierarchical attention: blocks chosen per query head, or shared by a kv head's query heads "
+                          "(fewer rows read per token)."),
+        click.option("--kv-cache", type=click.Choice(KV_CACHE_PRECISIONS), default="fp32", show_default=True),
+        click.option("--kv-quant", type=click.Choice(KV_QUANT_MODES), default="per-channel", show_default=True),
     ]
     for option in reversed(options):
         command = option(command)
@@ -131,7 +137,7 @@ def spec_options(command):
 
 
 SPEC_FIELDS = ("kv_heads", "gqa_method", "uptrain_steps", "window", "sinks", "block_size", "top_blocks",
-               "block_mass", "kv_cache", "kv_quant")
+               "block_mass", "block_select", "kv_cache", "kv_quant")
 
 
 def _spec_from(kwargs, recipe_spec: dict | None = None):
@@ -139,11 +145,16 @@ def _spec_from(kwargs, recipe_spec: dict | None = None):
     from edgeattn.spec import AttentionSpec
 
     values = {name: kwargs.pop(name) for name in SPEC_FIELDS}
+    return AttentionSpec(**_recipe_fills(values, recipe_spec or {}))
+
+
+def _recipe_fills(flags: dict, table: dict) -> dict:
+    """``flags`` (the command's parameters by name) with ``table``'s values (a recipe table, whose keys are
+    parameter names) for every flag not given on the command line: a flag given wins over the recipe."""
     context = click.get_current_context()
-    for name, value in (recipe_spec or {}).items():
-        if context.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
-            values[name] = value
-    return AttentionSpec(**values)
+    recipe = {name: value for name, value in table.items()
+              if context.get_parameter_source(name) != ParameterSource.COMMANDLINE}
+    return {**flags, **recipe}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -209,7 +220,7 @@ def quality(model, text_path, calibration_text, context, max_windows, as_json, *
     Example:
       edgeattn quality smollm2 --kv-heads 1 --window 512 --sinks 4 --text valid.txt --context 2048
     """
-    from edgeattn.evaluation.quality_report import quality_report
+    from edgeattn.evaluation.quality_report import quality_report, render_text
 
     spec = _spec_from(spec_kwargs)
     report = _with_progress(lambda progress: quality_report(
@@ -218,22 +229,22 @@ def quality(model, text_path, calibration_text, context, max_windows, as_json, *
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        _print_quality(report)
+        click.echo(render_text(report), nl=False)
 
 
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
 @spec_options
-@click.option("--weights", type=click.Choice(["fp32", "fp16", "int8", "int4", "source"]), default="fp32", show_default=True,
+@click.option("--weights", type=click.Choice(WEIGHTS_PRECISIONS), default="fp32", show_default=True,
               help="From a GGUF, int4/int8 carry its own blocks where they map exactly; source keeps each GGUF "
                    "tensor at its own precision.")
 @click.option("--weights-block-size", type=int, default=32, show_default=True,
               help="Block size of int4/int8 weight quantization (MatMulNBits).")
-@click.option("--attention-op", type=click.Choice(["auto", "ort", "onnx", "edgeattn"]), default="auto", show_default=True)
+@click.option("--attention-op", type=click.Choice(ATTENTION_OPS), default="auto", show_default=True)
 @click.option("--max-length", type=int, help="KV-cache capacity in tokens (full caches). "
               "[default: 2048, or the model's position limit when smaller]")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
 @click.option("--calibration-text", type=click.Path(dir_okay=False), callback=_text_file,
               help="Text for calibrated steps (default: packaged text).")
 @click.option("--recipe", type=click.Path(dir_okay=False), callback=_text_file,
@@ -252,19 +263,16 @@ def convert(model, output, weights, weights_block_size, attention_op, max_length
     """
     from pathlib import Path
 
-    from edgeattn.convert import DEFAULT_MAX_LENGTH, ConvertOptions, NumericsError
+    from edgeattn import convert_report
+    from edgeattn.convert import ConvertOptions, NumericsError
     from edgeattn.convert import convert as run_convert
     from edgeattn.recipe import read_recipe
 
     tables = read_recipe(recipe) if recipe else {}
     spec = _spec_from(spec_kwargs, tables.get("spec"))
-    flags = {"weights": weights, "block_size": weights_block_size, "attention_op": attention_op,
-             "max_length": max_length, "provider": provider, "calibration_text": calibration_text}
-    context = click.get_current_context()
-    for name, value in tables.get("convert", {}).items():
-        flag = "weights_block_size" if name == "block_size" else name
-        if context.get_parameter_source(flag) != click.core.ParameterSource.COMMANDLINE:
-            flags[name] = value
+    flags = _recipe_fills({"weights": weights, "weights_block_size": weights_block_size, "attention_op": attention_op,
+                           "max_length": max_length, "provider": provider, "calibration_text": calibration_text},
+                          tables.get("convert", {}))
     options = ConvertOptions(model, Path(output), spec, force=force,
                              **{**flags,
                                 "calibration_text": Path(flags["calibration_text"]) if flags["calibration_text"] else None})
@@ -275,30 +283,8 @@ def convert(model, output, weights, weights_block_size, attention_op, max_length
             manifest = _with_progress(lambda progress: run_convert(options, progress), quiet=as_json)
     except NumericsError as error:
         raise ThresholdError(str(error)) from error
-    summary = _convert_summary(Path(output), manifest, max_length_given=flags["max_length"] is not None)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    else:
-        summary["numerics"] = _numerics_line(summary["numerics"])
-        if summary.pop("max_length_source") == "the model's position limit":
-            summary["max_length"] = (f"{summary['max_length']} (the model's position limit; "
-                                     f"the default {DEFAULT_MAX_LENGTH} is beyond it)")
-        for key, value in summary.items():
-            click.echo(f"  {key:<22} {value}")
-
-
-def _numerics_line(numerics: dict) -> str:
-    """The two numerics checks of convert in one line."""
-    export = numerics["export"]
-    if "tolerance" in export:
-        parts = [f"export max |logit error| {export['max_abs_logit_error']:.1e} (<= {export['tolerance']:g})"]
-    else:
-        parts = [f"export top-1 {export['top1_agreement']:.2f} (>= {export['min_top1_agreement']:g})"]
-    weights = numerics.get("weights")
-    if weights is not None:
-        parts.append(f"weights KL {weights['kl_mean']:.3g} (<= {weights['max_kl']:g}), "
-                     f"top-1 {weights['top1_agreement']:.2f} (>= {weights['min_top1_agreement']:g})")
-    return "; ".join(parts) + (" - passed" if numerics["passed"] else " - FAILED")
+    summary = convert_report.summary(Path(output), manifest, max_length_given=flags["max_length"] is not None)
+    click.echo(json.dumps(summary, indent=2) if as_json else convert_report.render_text(summary))
 
 
 def _with_progress(work, quiet: bool):
@@ -309,38 +295,11 @@ def _with_progress(work, quiet: bool):
         return work(progress)
 
 
-def _convert_summary(output, manifest: dict, max_length_given: bool) -> dict:
-    from edgeattn.convert import DEFAULT_MAX_LENGTH
-    from edgeattn.runtimes.manifest import cache_tokens
-
-    size = sum(path.stat().st_size for path in output.iterdir() if path.is_file())
-    kv = manifest["kv_cache"]
-    max_length = manifest["model"]["max_length"]
-    source = ("--max-length" if max_length_given else "default" if max_length == DEFAULT_MAX_LENGTH
-              else "the model's position limit")
-    return {
-        "output": str(output), "size_mb": round(size / 1e6, 1), "weights": manifest["weights"]["dtype"],
-        "max_length": max_length, "max_length_source": source,
-        "lowering": (f"{manifest['lowering']['per_layer'][0]} ({manifest['lowering']['op']})"
-                     f" x {len(manifest['lowering']['per_layer'])} layers"),
-        "kv_cache": f"{kv['codec']} {'ring' if kv['ring'] else 'full'} buffer, capacity {cache_tokens(kv)}",
-        "kv_bytes_per_token": kv["bytes_per_token"], "kv_mb_at_capacity": round(kv["bytes_at_capacity"] / 1e6, 2),
-        "numerics": manifest["numerics"],
-        **({"gguf_blocks": _gguf_line(manifest["weights"]["gguf"])} if "gguf" in manifest["weights"] else {}),
-    }
-
-
-def _gguf_line(gguf: dict) -> str:
-    from edgeattn.exporters.gguf_weights import describe
-
-    return describe(gguf)
-
-
 @main.command()
 @click.argument("folder", type=click.Path())
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, callback=_at_least(1))
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
 @click.option("--threads", type=int, callback=_thread_count,
               help="onnxruntime intra-op threads, 1 to the core count (default: onnxruntime's choice).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -362,7 +321,6 @@ def generate(folder, prompt, max_new_tokens, provider, threads, temperature, top
       edgeattn generate out/ "Hello" --verify    # first check the files against their recorded sha256
     """
     from edgeattn.runtimes import EdgeLM, Generation, SamplingConfig, stream
-    from edgeattn.runtimes.manifest import cache_tokens
 
     try:
         prompt.encode("utf-8")
@@ -385,7 +343,7 @@ def generate(folder, prompt, max_new_tokens, provider, threads, temperature, top
         raise
     _print_generation(lm, result, as_json)
     if result.stop == "cache_full" and not as_json:
-        click.echo(f"edgeattn: stopped: KV cache full ({cache_tokens(lm.kv)} tokens); convert with a larger "
+        click.echo(f"edgeattn: stopped: KV cache full ({lm.kv.cache_tokens} tokens); convert with a larger "
                    "--max-length, or a --window for constant memory", err=True)
 
 
@@ -400,7 +358,7 @@ def _print_generation(lm, result, as_json: bool) -> None:
 
 @main.command()
 @click.argument("folders", nargs=-1, required=True, type=click.Path())
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
 @click.option("--threads", type=int, callback=_thread_count,
               help="onnxruntime intra-op threads, 1 to the core count (default: the target's, else all cores).")
 @click.option("--prompt-lengths", default="128,512", show_default=True, help="Prompt lengths for time to first token.")
@@ -444,7 +402,7 @@ def profile(folders, provider, threads, prompt_lengths, contexts, repeats, warmu
         provider=provider, threads=threads, prompt_lengths=_token_counts(prompt_lengths, "--prompt-lengths"),
         contexts=_token_counts(contexts, "--contexts"), repeats=repeats, warmup=warmup,
         target=get_target(target) if target else None, max_length=max_length, ops=ops)
-    report = run_profile(list(folders), options, progress=None if quiet else lambda line: click.echo(line, err=True))
+    report = run_profile(list(folders), options, progress=None if quiet else _plain_progress)
     click.echo(profile_report.render_text(report))
     from edgeattn.user_paths import reporting_write_errors
 
@@ -462,6 +420,12 @@ def profile(folders, provider, threads, prompt_lengths, contexts, repeats, warmu
         sys.exit(EXIT_INTERRUPTED)
 
 
+def _plain_progress(step: str, done: int | None = None, total: int | None = None) -> None:
+    """Profile's progress: a plain line per step, never a live display whose repainting would share the cores
+    being timed."""
+    click.echo(step, err=True)
+
+
 def _token_counts(text: str, flag: str) -> tuple[int, ...]:
     """'128,512' -> (128, 512); ranges are checked by ProfileOptions. A list that names nothing is refused."""
     try:
@@ -471,28 +435,6 @@ def _token_counts(text: str, flag: str) -> tuple[int, ...]:
     if not counts:
         raise InputError(f"{flag} names no token count ({text!r}): give at least one, e.g. {flag} 128")
     return counts
-
-
-def _print_quality(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    windows = f"{report['windows']} window{'s' * (report['windows'] > 1)}"
-    console.print(f"{report['model']}: {windows} of {report['context']} tokens of the {report['text']} "
-                  f"({report['tokens']} scored)", soft_wrap=True)
-    for note in report["notes"]:
-        console.print(f"note: {note}")
-    table = Table()
-    for column in ("model", "ppl", "delta", "KV bytes/token"):
-        table.add_column(column, justify="right" if column != "model" else "left")
-    table.add_row("original", f"{report['original']['ppl']:.3f}", "", str(report["original"]["kv_bytes_per_token"]))
-    rewritten = report["rewritten"]
-    table.add_row("rewritten", f"{rewritten['ppl']:.3f}", f"{100 * report['ppl_delta_relative']:+.2f}%",
-                  str(rewritten["kv_bytes_per_token"]))
-    console.print(table)
-    for line in report["rewrites"]:
-        console.print(f"  {line}")
 
 
 def _threshold_options(command):
@@ -510,9 +452,9 @@ def _threshold_options(command):
 @click.argument("folder", type=click.Path())
 @click.option("--reference", help="The original model (default: the source recorded in FOLDER's manifest).")
 @click.option("--golden", is_flag=True, help="Check against FOLDER's golden.npz only: no PyTorch needed (phones, boards).")
-@click.option("--provider", "providers", multiple=True, type=click.Choice(["cpu", "cuda"]),
+@click.option("--provider", "providers", multiple=True, type=click.Choice(list(PROVIDERS)),
               help="onnxruntime provider (default: cpu); repeat it to compare providers with each other too.")
-@click.option("--text", "text_path", type=click.Path(dir_okay=False), callback=_text_file,
+@click.option("--text", type=click.Path(dir_okay=False), callback=_text_file,
               help="Text to compare on (default: packaged calibration text).")
 @click.option("--calibration-text", type=click.Path(dir_okay=False), callback=_text_file,
               help="Calibration text of the rewrite (default: the one convert recorded).")
@@ -530,7 +472,7 @@ def _threshold_options(command):
 @click.option("--junit-xml", "junit_path", type=click.Path(dir_okay=False), callback=_writable_file,
               help="Write one JUnit test case per metric.")
 @_input_errors
-def validate(folder, reference, golden, providers, text_path, calibration_text, prompts, prefill, steps, greedy_tokens,
+def validate(folder, reference, golden, providers, text, calibration_text, prompts, prefill, steps, greedy_tokens,
              threads, recipe, json_path, junit_path, **thresholds) -> None:
     """Check that an exported FOLDER computes what the PyTorch model computes.
 
@@ -550,14 +492,9 @@ def validate(folder, reference, golden, providers, text_path, calibration_text, 
     from edgeattn.runtimes.thresholds import user_bounds
     from edgeattn.user_paths import check_text_file, reporting_write_errors
 
-    settings = {"prompts": prompts, "prefill": prefill, "steps": steps, "greedy_tokens": greedy_tokens,
-                "text": text_path, **thresholds}
-    context = click.get_current_context()
     recipe_table = read_recipe(recipe).get("validate", {}) if recipe else {}
-    for key, value in recipe_table.items():
-        flag = "text_path" if key == "text" else key
-        if context.get_parameter_source(flag) != click.core.ParameterSource.COMMANDLINE:
-            settings[key] = value
+    settings = _recipe_fills({"prompts": prompts, "prefill": prefill, "steps": steps, "greedy_tokens": greedy_tokens,
+                              "text": text, **thresholds}, recipe_table)
     bounds = {key: settings.pop(key) for key in thresholds if settings[key] is not None}
     user_bounds(bounds)  # NaN, infinite or negative bounds are refused before anything loads
     lengths = {key: value for key, value in settings.items() if value is not None}
@@ -565,7 +502,7 @@ def validate(folder, reference, golden, providers, text_path, calibration_text, 
     if golden:
         from edgeattn.runtimes.golden import validate_golden
 
-        flags = {"--reference": reference, "--calibration-text": calibration_text, "--text": text_path,
+        flags = {"--reference": reference, "--calibration-text": calibration_text, "--text": text,
                  "--prompts": prompts, "--prefill": prefill, "--steps": steps, "--greedy-tokens": greedy_tokens}
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
@@ -580,62 +517,25 @@ def validate(folder, reference, golden, providers, text_path, calibration_text, 
         from edgeattn.evaluation.validate import validate as run_validate
 
         if "text" in lengths:
-            where = "--text" if text_path else f"recipe {recipe}: [validate] text"
+            where = "--text" if text else f"recipe {recipe}: [validate] text"
             lengths["text"] = check_text_file(lengths["text"], where)
         options = ValidateOptions(Path(folder), providers, reference,
                                   calibration_text=Path(calibration_text) if calibration_text else None,
                                   bounds=bounds, threads=threads, **lengths)
         report = _with_progress(lambda progress: run_validate(options, progress=progress), quiet=json_path == "-")
-    from edgeattn.runtimes.validation_report import write_json, write_junit
+    from edgeattn.runtimes.validation_report import render_text, write_json, write_junit
 
     if json_path == "-":
         click.echo(json.dumps(report, indent=2))
     else:
-        _print_validate(report)
+        click.echo(render_text(report))
         if json_path:
             with reporting_write_errors(json_path):
                 write_json(report, json_path)
     if junit_path:
         with reporting_write_errors(junit_path):
             write_junit(report, junit_path)
-    context.exit(report["exit_code"])
-
-
-def _print_validate(report: dict) -> None:
-    """The report as a plain table (no rich: golden mode runs where only the runtime is installed)."""
-    settings, model = report["settings"], report["model"]
-    click.echo(f"{report['folder']}: {model['source']}, {model['weights']} weights, {model['kv_cache']} KV cache; "
-               f"{settings['prompts']} prompts x (prefill {settings['prefill']} + {settings['steps']} steps), "
-               f"{settings['greedy_tokens']} greedy tokens")
-    comparisons = report["comparisons"]
-    metrics = [name for name, value in comparisons[0]["metrics"].items() if not isinstance(value, list)]
-    metrics += [name for c in comparisons for name in c["metrics"] if name not in metrics and name != "first_difference"]
-    rows = [["metric", *(c["name"] for c in comparisons)]]
-    for metric in metrics:
-        row = [metric]
-        for c in comparisons:
-            value = c["metrics"].get(metric)
-            cell = "" if value is None and metric not in c["metrics"] else "nan/inf" if value is None else f"{value:.4g}"
-            for check in (k for k in c["checks"] if k["metric"] == metric):
-                cell += f" {'ok' if check['passed'] else 'FAIL'}({check['op']}{check['bound']:g})"
-            row.append(cell)
-        rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    for c in comparisons:
-        firsts = c["metrics"].get("first_difference")
-        if firsts and any(first is not None for first in firsts):
-            click.echo(f"{c['name']}: first differing greedy token per prompt: "
-                       + ", ".join("none" if first is None else str(first) for first in firsts))
-    rebuilt = report.get("reference_check")
-    if rebuilt:
-        click.echo(f"reference: the rebuilt rewritten model matches golden.npz (max-abs "
-                   f"{rebuilt['metrics']['max_abs_error']:.3g}, KL {rebuilt['metrics']['kl_mean']:.3g})")
-    for failure in report["failures"]:
-        click.echo(f"FAIL {failure}")
-    verdict = "passed" if report["passed"] else f"{len(report['failures'])} threshold(s) failed"
-    click.echo(f"validate: {verdict} (exit {report['exit_code']}, {report['elapsed_s']} s)")
+    click.get_current_context().exit(report["exit_code"])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ weights must stay within validate's bounds for their precision. Kept apart, a lo
 precision never hides an export bug, and its expected loss never fails a correct export.
 
 Everything is built in a temporary folder beside the destination and renamed into
-place only when every step (both numerics checks included) passed.
+place only when every step (both numerics checks included) passed. The manifest is
+assembled from the export, the checks run the folder as it describes it (in memory),
+and it is written once, last: its ``sha256`` covers every other file of the folder.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import onnxruntime
 import torch
 
 from edgeattn import __version__
+from edgeattn.choices import ATTENTION_OPS, AttentionOp, Provider, WeightsPrecision
 from edgeattn.errors import InvalidOptionError
 from edgeattn.evaluation.calibration import calibration_ids
 from edgeattn.evaluation.quality_report import summarize
@@ -31,7 +34,7 @@ from edgeattn.exporters.chat_template import flatten_chat_template
 from edgeattn.exporters.checks import check_graph, fused_op_name
 from edgeattn.exporters.export import PAST_NAME, PRESENT_NAME, export_graph, model_opset
 from edgeattn.exporters.genai_config import genai_config
-from edgeattn.exporters.lowering import ATTENTION_OPS, choose_lowerings
+from edgeattn.exporters.lowering import choose_lowerings
 from edgeattn.exporters.norms import choose_norm_fusion
 from edgeattn.exporters.tokenizer_config import write_tokenizer_config
 from edgeattn.exporters.weights import DEFAULT_BLOCK_SIZE, MATMUL_NBITS_BLOCK_SIZES, check_weights_option, quantize_weights
@@ -40,7 +43,19 @@ from edgeattn.models.sources import gguf_file
 from edgeattn.progress import Progress, reports_progress
 from edgeattn.rewrites import rewrite
 from edgeattn.runtimes import metrics
-from edgeattn.runtimes.manifest import file_hashes, write_manifest
+from edgeattn.runtimes.manifest import (
+    CacheNames,
+    FilesInfo,
+    IOInfo,
+    KVCacheInfo,
+    LoweringInfo,
+    Manifest,
+    ModelInfo,
+    SourceInfo,
+    WeightsInfo,
+    file_hashes,
+    write_manifest,
+)
 from edgeattn.runtimes.output_folder import atomic_folder, check_destination
 from edgeattn.runtimes.session import PROVIDERS
 from edgeattn.runtimes.thresholds import WEIGHT_BOUNDS
@@ -69,18 +84,18 @@ class ConvertOptions:
     model: str
     output: Path
     spec: AttentionSpec = field(default_factory=AttentionSpec)
-    weights: str = "fp32"
-    block_size: int = DEFAULT_BLOCK_SIZE
-    attention_op: str = "auto"
+    weights: WeightsPrecision = "fp32"
+    weights_block_size: int = DEFAULT_BLOCK_SIZE  # of int8/int4 weights (MatMulNBits), not AttentionSpec.block_size
+    attention_op: AttentionOp = "auto"
     max_length: int | None = None  # None: DEFAULT_MAX_LENGTH, or the model's learned positions when fewer
-    provider: str = "cpu"
+    provider: Provider = "cpu"
     force: bool = False
     calibration_text: Path | None = None
 
 
 @reports_progress
-def convert(options: ConvertOptions, progress: Progress = lambda step, done=None, total=None: None) -> dict:
-    """Convert ``options.model`` into the folder ``options.output``; returns the manifest."""
+def convert(options: ConvertOptions, progress: Progress = lambda step, done=None, total=None: None) -> Manifest:
+    """Convert ``options.model`` into the folder ``options.output``; returns its manifest."""
     _check_options(options)
     gguf = gguf_file(options.model)
     check_weights_option(options.weights, gguf)
@@ -102,31 +117,30 @@ def convert(options: ConvertOptions, progress: Progress = lambda step, done=None
         progress("checking the graph")
         histogram = check_graph(path, fused_ops)
         model.tokenizer.save(str(staging / TOKENIZER_FILE))
-        files = {"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE, "tokenizer_config": write_tokenizer_config(
-            staging, model.tokenizer, decoder.config.bos_token_id, list(decoder.config.eos_token_ids),
-            options.max_length, model.chat_template)}
+        tokenizer_config = write_tokenizer_config(staging, model.tokenizer, decoder.config.bos_token_id,
+                                                  list(decoder.config.eos_token_ids), options.max_length,
+                                                  model.chat_template)
         if model.chat_template:
             (staging / CHAT_TEMPLATE_FILE).write_text(model.chat_template, encoding="utf-8")
-            files["chat_template"] = CHAT_TEMPLATE_FILE
         progress(GOLDEN_STEP)
-        files["golden"] = write_convert_golden(staging, decoder, model.tokenizer, options.max_length)
+        files = FilesInfo(model=MODEL_FILE, tokenizer=TOKENIZER_FILE, tokenizer_config=tokenizer_config,
+                          chat_template=CHAT_TEMPLATE_FILE if model.chat_template else None,
+                          golden=write_convert_golden(staging, decoder, model.tokenizer, options.max_length))
         manifest = _manifest(model, decoder, options, choice, norm_fusion, histogram, files, summarize(report))
-        manifest["calibration"] = calibration_record(options.calibration_text)  # validate rebuilds the rewrite
-        write_manifest(staging, manifest)
         progress("checking the export against PyTorch")
-        numerics = {"export": _check_export(*_compare(staging, decoder, model, options), options)}
+        numerics = {"export": _check_export(*_compare(staging, manifest, decoder, model, options), options)}
+        weights = manifest.weights
         if options.weights != "fp32":
             progress(f"quantizing weights to {options.weights}")
-            manifest["weights"].update(quantize_weights(path, options.weights, options.block_size, gguf))
-            manifest["op_histogram"] = check_graph(path, fused_ops)
-            write_manifest(staging, manifest)
+            quantized = quantize_weights(path, options.weights, options.weights_block_size, gguf)
+            weights = WeightsInfo.from_dict({**weights.to_dict(), **quantized})
+            histogram = check_graph(path, fused_ops)
             progress(f"checking the {options.weights} weights against PyTorch")
-            numerics["weights"] = _check_weights(*_compare(staging, decoder, model, options), manifest["weights"]["dtype"])
-        manifest["numerics"] = {"passed": True, **numerics}
-        write_manifest(staging, manifest)
+            numerics["weights"] = _check_weights(*_compare(staging, manifest, decoder, model, options), weights.dtype)
         if choice.name == "ort":
             (staging / "genai_config.json").write_text(json.dumps(genai_config(manifest), indent=2) + "\n")
-        manifest["sha256"] = file_hashes(staging)  # validate and generate --verify check the files against it
+        manifest = dataclasses.replace(manifest, weights=weights, op_histogram=histogram,
+                                       numerics={"passed": True, **numerics}, sha256=file_hashes(staging))
         write_manifest(staging, manifest)
     return manifest
 
@@ -137,9 +151,9 @@ def _check_options(options: ConvertOptions) -> None:
                                  ("provider", options.provider, tuple(PROVIDERS))):
         if value not in allowed:
             raise InvalidOptionError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    if _not_whole(options.block_size) or options.block_size not in MATMUL_NBITS_BLOCK_SIZES:
-        raise InvalidOptionError(f"block_size must be one of {', '.join(map(str, MATMUL_NBITS_BLOCK_SIZES))} "
-                                 f"(the block sizes of onnxruntime's MatMulNBits); got {options.block_size!r}")
+    if _not_whole(options.weights_block_size) or options.weights_block_size not in MATMUL_NBITS_BLOCK_SIZES:
+        raise InvalidOptionError(f"weights_block_size must be one of {', '.join(map(str, MATMUL_NBITS_BLOCK_SIZES))} "
+                                 f"(the block sizes of onnxruntime's MatMulNBits); got {options.weights_block_size!r}")
     if options.max_length is not None and (_not_whole(options.max_length) or options.max_length < 2):
         raise InvalidOptionError(f"max_length must be a whole number >= 2, got {options.max_length!r}")
     if options.calibration_text is not None:
@@ -164,57 +178,61 @@ def _resolve_max_length(options: ConvertOptions, config, progress: Callable[[str
     return options
 
 
-def _manifest(model, decoder, options: ConvertOptions, choice, norm_fusion, histogram, files, rewrites) -> dict:
+def _manifest(model, decoder, options: ConvertOptions, choice, norm_fusion, histogram, files: FilesInfo,
+              rewrites) -> Manifest:
+    """What the export is; convert replaces the weights and op histogram once they are quantized, and adds the
+    numerics and sha256 last."""
     config = decoder.config
     lowerings = choice.layers
     layout = _cache_layout(lowerings)
     bytes_per_token = decoder.kv_bytes_per_token()
-    return {
-        "edgeattn_version": __version__,
-        "source": {"model": model.name, "family": config.family, "weights_sha256": model.weights_sha256},
-        "spec": options.spec.to_dict(),
-        "rewrites": rewrites,
-        "model": {"num_layers": config.num_layers, "num_heads": config.num_heads,
-                  "num_kv_heads": decoder.attentions()[0].num_kv_heads, "head_dim": config.head_dim,
-                  "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
-                  "bos_token_id": config.bos_token_id, "eos_token_ids": list(config.eos_token_ids),
-                  "max_length": options.max_length},
+    return Manifest(
+        edgeattn_version=__version__,
+        source=SourceInfo(model=model.name, family=config.family, weights_sha256=model.weights_sha256),
+        spec=options.spec.to_dict(),
+        rewrites=rewrites,
+        model=ModelInfo(num_layers=config.num_layers, num_heads=config.num_heads,
+                        num_kv_heads=decoder.attentions()[0].num_kv_heads, head_dim=config.head_dim,
+                        hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+                        bos_token_id=config.bos_token_id, eos_token_ids=list(config.eos_token_ids),
+                        max_length=options.max_length),
         # "source" becomes the precision it reaches once the weights are written (the graph is fp32 until then).
-        "weights": {"dtype": "fp32" if options.weights == "source" else options.weights,
-                    "block_size": options.block_size if options.weights in ("int4", "int8") else None},
-        "lowering": {"requested": options.attention_op, "provider": options.provider, **choice.to_dict(),
-                     "op": fused_op_name(lowerings[0]), "norm_fusion": norm_fusion},
-        "files": files,
-        "io": {
-            "inputs": {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "total"]},
-            "outputs": {"logits": ["batch", 1, config.vocab_size]},
-            "cache_names": {"past": PAST_NAME, "present": PRESENT_NAME},
-            "shared_past_present_buffer": True,
-        },
-        "kv_cache": {**layout, "bytes_per_token": bytes_per_token,
-                     "bytes_at_capacity": bytes_per_token * layout["capacity"],
-                     "codec": options.spec.kv_cache, "quant": options.spec.kv_quant},
-        "chat_format": flatten_chat_template(model.chat_template, *_special_tokens(model)),
-        "op_histogram": histogram,
-        "opset": model_opset(lowerings),
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-    }
+        weights=WeightsInfo(dtype="fp32" if options.weights == "source" else options.weights,
+                            block_size=options.weights_block_size if options.weights in ("int4", "int8") else None),
+        lowering=LoweringInfo.from_dict({"requested": options.attention_op, "provider": options.provider,
+                                         **choice.to_dict(), "op": fused_op_name(lowerings[0]),
+                                         "norm_fusion": norm_fusion}),
+        files=files,
+        io=IOInfo(inputs={"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "total"]},
+                  outputs={"logits": ["batch", 1, config.vocab_size]},
+                  cache_names=CacheNames(past=PAST_NAME, present=PRESENT_NAME),
+                  shared_past_present_buffer=True),
+        kv_cache=KVCacheInfo.from_dict({**layout, "bytes_per_token": bytes_per_token,
+                                        "bytes_at_capacity": bytes_per_token * layout["capacity"],
+                                        "codec": options.spec.kv_cache, "quant": options.spec.kv_quant}),
+        chat_format=flatten_chat_template(model.chat_template, *_special_tokens(model)),
+        op_histogram=histogram,
+        opset=model_opset(lowerings),
+        versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        calibration=calibration_record(options.calibration_text),  # validate rebuilds the rewrite from it
+    )
 
 
 def _cache_layout(lowerings) -> dict:
     """The KV-cache layout the runtime allocates for every layer (the same in every layer)."""
-    layouts = [lowering.cache_layout() for lowering in lowerings]
+    layouts = [lowering.cache_layout().manifest() for lowering in lowerings]
     if any(layout != layouts[0] for layout in layouts):
         raise ValueError("layers with different KV-cache layouts cannot share one manifest entry")
     return layouts[0]
 
 
-def _compare(folder: Path, decoder, model, options: ConvertOptions) -> tuple[int, np.ndarray, np.ndarray]:
+def _compare(folder: Path, manifest: Manifest, decoder, model, options: ConvertOptions
+             ) -> tuple[int, np.ndarray, np.ndarray]:
     """(prompt tokens, PyTorch logits [R, V], onnxruntime logits [R, V]): a prefill, then greedy decode steps
     (PyTorch's tokens fed to both), one row per step."""
     from edgeattn.runtimes import EdgeLM
 
-    lm = EdgeLM.load(folder, provider=options.provider)
+    lm = EdgeLM.load(folder, provider=options.provider, manifest=manifest)
     ids = model.encode(NUMERICS_PROMPT)[: max(2, options.max_length - NUMERICS_DECODE_STEPS - 1)]
     cache = decoder.new_cache(batch=1, max_length=options.max_length)
     lm.reset(1)

@@ -8,6 +8,7 @@
 
     [convert]             # the other convert flags
     weights = "int4"
+    weights_block_size = 32
     attention_op = "auto"
     max_length = 4096
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import math
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +34,25 @@ from edgeattn.runtimes.thresholds import THRESHOLDS
 from edgeattn.spec import AttentionSpec
 
 WHOLE, NUMBER, TEXT = "a whole number", "a number", "a string"
-CONVERT_KINDS = {"weights": TEXT, "block_size": WHOLE, "attention_op": TEXT, "max_length": WHOLE, "provider": TEXT,
-                 "calibration_text": TEXT}
+# [convert] keys are ConvertOptions' fields; recipes written before the rename say block_size.
+CONVERT_KINDS = {"weights": TEXT, "weights_block_size": WHOLE, "attention_op": TEXT, "max_length": WHOLE,
+                 "provider": TEXT, "calibration_text": TEXT}
+CONVERT_RENAMED = {"block_size": "weights_block_size"}
 VALIDATE_LENGTHS = {"prompts", "prefill", "steps", "greedy_tokens"}
 VALIDATE_KINDS = {**dict.fromkeys(THRESHOLDS, NUMBER), **dict.fromkeys(VALIDATE_LENGTHS, WHOLE), "text": TEXT}
-# What each [spec] value must be, read from AttentionSpec's annotations ("int | None" -> a whole number).
-SPEC_KINDS = {name: {"int": WHOLE, "float": NUMBER, "str": TEXT}[str(field.type).split(" ")[0]]
-              for name, field in AttentionSpec.__dataclass_fields__.items()}
+
+
+def _kind(annotation) -> str:
+    """What a value of ``annotation`` must be in TOML: ``int | None`` -> a whole number, a Literal -> a string."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return TEXT
+    if typing.get_origin(annotation) is types.UnionType:
+        return _kind(next(option for option in typing.get_args(annotation) if option is not type(None)))
+    return {int: WHOLE, float: NUMBER, str: TEXT}[annotation]
+
+
+# What each [spec] value must be, read from AttentionSpec's annotations.
+SPEC_KINDS = {name: _kind(annotation) for name, annotation in typing.get_type_hints(AttentionSpec).items()}
 
 
 class RecipeError(EdgeattnError, ValueError):
@@ -60,6 +75,7 @@ def read_recipe(path: str | Path) -> dict[str, dict[str, Any]]:
     for table in data:
         if not isinstance(data[table], dict):
             raise RecipeError(f"recipe {path}: {table} must be a table ([{table}]), got {data[table]!r}")
+    _rename_old_keys(path, data.get("convert", {}))
     for table, kinds in (("spec", SPEC_KINDS), ("convert", CONVERT_KINDS), ("validate", VALIDATE_KINDS)):
         values = data.get(table, {})
         unknown = sorted(set(values) - set(kinds))
@@ -72,6 +88,14 @@ def read_recipe(path: str | Path) -> dict[str, dict[str, Any]]:
         if key in THRESHOLDS and not (math.isfinite(value) and value >= 0):
             raise RecipeError(f"recipe {path}: [validate] {key} must be a finite number >= 0, got {value!r}")
     return data
+
+
+def _rename_old_keys(path: Path, convert: dict[str, Any]) -> None:
+    for old, new in CONVERT_RENAMED.items():
+        if old in convert:
+            if new in convert:
+                raise RecipeError(f"recipe {path}: [convert] sets both {old} and {new} (the same setting); keep {new}")
+            convert[new] = convert.pop(old)
 
 
 def _is(kind: str, value: Any) -> bool:

@@ -11,11 +11,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from edgeattn.choices import (
+    BLOCK_SELECTS,
+    GQA_METHODS,
+    KV_CACHE_PRECISIONS,
+    KV_QUANT_MODES,
+    BlockSelect,
+    GqaMethod,
+    KVCachePrecision,
+    KVQuantMode,
+)
 from edgeattn.errors import EdgeattnError
-
-GQA_METHODS = ("mean", "calibrated")
-KV_CACHE_DTYPES = ("fp32", "fp16", "int8", "int4")
-KV_QUANT_MODES = ("per-channel", "per-token")
 
 
 class SpecError(EdgeattnError, ValueError):
@@ -34,20 +40,23 @@ class AttentionSpec:
         slots. With ``block_size`` set, ``window`` is instead the always-attended local
         window of hierarchical attention (default: ``block_size``) and the cache is full.
     block_size / top_blocks / block_mass: hierarchical block-sparse attention.
+    block_select: ``query-head`` (each query head ranks the blocks itself) or ``kv-head`` (the query
+        heads of a kv head share one choice, ranked by the largest of their bounds: fewer rows to read).
     kv_cache / kv_quant: storage of the KV cache (int8/int4 with scales per channel,
         static and calibrated, or per token, dynamic).
     """
 
     kv_heads: int | None = None
-    gqa_method: str = "calibrated"
+    gqa_method: GqaMethod = "calibrated"
     uptrain_steps: int = 0
     window: int | None = None
     sinks: int = 0
     block_size: int | None = None
     top_blocks: int | None = None
     block_mass: float | None = None
-    kv_cache: str = "fp32"
-    kv_quant: str = "per-channel"
+    block_select: BlockSelect = "query-head"
+    kv_cache: KVCachePrecision = "fp32"
+    kv_quant: KVQuantMode = "per-channel"
 
     def __post_init__(self) -> None:
         _positive("kv_heads", self.kv_heads)
@@ -55,7 +64,8 @@ class AttentionSpec:
         _positive("block_size", self.block_size)
         _positive("top_blocks", self.top_blocks)
         _choice("gqa_method", self.gqa_method, GQA_METHODS)
-        _choice("kv_cache", self.kv_cache, KV_CACHE_DTYPES)
+        _choice("block_select", self.block_select, BLOCK_SELECTS)
+        _choice("kv_cache", self.kv_cache, KV_CACHE_PRECISIONS)
         _choice("kv_quant", self.kv_quant, KV_QUANT_MODES)
         _not_negative("sinks", self.sinks)
         _not_negative("uptrain_steps", self.uptrain_steps)
@@ -70,6 +80,8 @@ class AttentionSpec:
             raise SpecError("sinks needs window (or block_size): sinks only matter when old tokens are dropped")
         if (self.top_blocks is not None or self.block_mass is not None) and self.block_size is None:
             raise SpecError("top_blocks/block_mass need block_size")
+        if self.block_select != "query-head" and self.block_size is None:
+            raise SpecError("block_select needs block_size (it says how hierarchical attention selects blocks)")
         if self.block_size is not None and self.top_blocks is None:
             raise SpecError("block_size needs top_blocks (the most blocks each query may select)")
         if self.block_mass is not None and not 0.0 < self.block_mass <= 1.0:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 model (loaded once) and WikiText-2 when present."""
+"""Shared fixtures: the real SmolLM2 model (loaded once), tiny-model folders converted or exported once per test
+process (tests/conversions.py), and WikiText-2 when present."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from edgeattn.evaluation.calibration import wikitext_path
+from tests.conversions import SharedFolders
 
 # Property tests (tests/test_properties.py): the same cases on every run and machine (a fixed seed,
 # no example database), no per-example deadline (a shared CI core can be slow), max_examples set per test.
@@ -23,7 +25,7 @@ TINY_FAMILIES = ["gpt2", "llama", "mistral", "phi3", "qwen2"]
 # nothing converted. Tests of every other module are marked slow.
 UNIT_MODULES = {
     "test_spec", "test_metrics", "test_reference_tables", "test_attention_vs_reference",
-    "test_output_folder", "test_emulation", "test_layers",
+    "test_output_folder", "test_emulation", "test_layers", "test_manifest",
 }
 
 
@@ -61,6 +63,33 @@ def smollm2():
 @pytest.fixture
 def smollm2_decoder(smollm2):
     return copy.deepcopy(smollm2.decoder)
+
+
+@pytest.fixture(scope="session")
+def shared_folders(tmp_path_factory) -> SharedFolders:
+    return SharedFolders(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def converted(shared_folders):
+    """``converted(model="tiny-llama", spec=AttentionSpec(), **ConvertOptions fields) -> (folder, manifest)``:
+    converted once per test process (under ``--dist loadfile``, for every file a worker runs). Copy the folder
+    before changing it."""
+    return shared_folders.converted
+
+
+@pytest.fixture(scope="session")
+def exported(shared_folders):
+    """``exported(family, spec, lowering_for, max_length) -> (folder, decoder, lowerings)``: tiny-``family``
+    rewritten and exported once per test process. Copy the folder before changing it."""
+    return shared_folders.exported
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_folders_unchanged(shared_folders, request):
+    """After each module, the shared folders it used must be as they were made: later files read them."""
+    yield
+    shared_folders.check_unchanged(request.node.nodeid)
 
 
 def wikitext_or_skip(split: str):

@@ -44,6 +44,7 @@ def reference_attention(
     top_blocks: int | None = None,
     local_window: int | None = None,
     block_mass: float | None = None,
+    block_select: str = "query-head",
     kv_dtype: str = "fp32",
     kv_mode: str = "per-channel",
     k_scale: torch.Tensor | None = None,
@@ -53,9 +54,10 @@ def reference_attention(
 
     Policy: ``block_size`` set -> hierarchical (``top_blocks`` required, ``local_window``
     defaults to ``block_size``, ``sinks`` always seen); else ``window`` set -> sliding
-    window with ``sinks``; else full causal. ``inv_freq`` [D/2]: apply RoPE (None: no
-    positional rotation). ``kv_dtype`` fp32/fp16/int8/int4, ``kv_mode`` per-channel
-    (needs ``k_scale``/``v_scale`` [Hkv, D]) or per-token.
+    window with ``sinks``; else full causal. ``block_select`` ``kv-head``: a block's bound for a
+    query is the largest over the query heads of its kv head at that position, so the group keeps
+    the same blocks. ``inv_freq`` [D/2]: apply RoPE (None: no positional rotation). ``kv_dtype``
+    fp32/fp16/int8/int4, ``kv_mode`` per-channel (needs ``k_scale``/``v_scale`` [Hkv, D]) or per-token.
     """
     heads, length, dim = q.shape
     kv_heads = k.shape[0]
@@ -102,7 +104,11 @@ def reference_attention(
                     query = _rotate(query, float(i), inv_freq)
                 query = query.double()
                 if hierarchical:
-                    kept = _kept_blocks(query, keys[g, : i + 1], i, block_size, top_blocks, block_mass)
+                    ranking = [h] if block_select == "query-head" else range(g * group, (g + 1) * group)
+                    queries = [_rotate(q32[r, i], float(i), inv_freq) if inv_freq is not None else q32[r, i]
+                               for r in ranking]
+                    kept = _kept_blocks([r.double() for r in queries], keys[g, : i + 1], i, block_size, top_blocks,
+                                        block_mass)
                     visible = [j for j in range(i + 1)
                                if j // block_size in kept or j < sinks or i - j < local_window]
                 else:
@@ -141,19 +147,20 @@ def _rotate(x: torch.Tensor, position: float, inv_freq: torch.Tensor) -> torch.T
     return torch.cat((first * cos - second * sin, second * cos + first * sin))
 
 
-def _kept_blocks(query, keys_upto_i, i, block_size, top_blocks, block_mass) -> set[int]:
+def _kept_blocks(queries, keys_upto_i, i, block_size, top_blocks, block_mass) -> set[int]:
     """Blocks query i keeps: best upper bounds among blocks whose positions are all <= i.
 
-    query [D] rotated (float64); keys_upto_i [i + 1, D] stored (rotated, quantized) keys.
+    queries: the rotated queries [D] (float64) that rank together (one, or a kv head's group), a block's
+    bound being the largest of theirs; keys_upto_i [i + 1, D] stored (rotated, quantized) keys.
     """
-    dim = query.shape[0]
+    dim = queries[0].shape[0]
     candidates = [b for b in range(i // block_size + 1) if (b + 1) * block_size - 1 <= i]
-    q = query.tolist()
     bounds = {}
     for b in candidates:
         block = keys_upto_i[b * block_size:(b + 1) * block_size]  # [block_size, D]
         low, high = block.min(dim=0).values.tolist(), block.max(dim=0).values.tolist()
-        bounds[b] = sum(max(q[d] * low[d], q[d] * high[d]) for d in range(dim))
+        bounds[b] = max(sum(max(q[d] * low[d], q[d] * high[d]) for d in range(dim))
+                        for q in (query.tolist() for query in queries))
     ranked = sorted(candidates, key=lambda b: bounds[b], reverse=True)
     count = min(top_blocks, len(ranked))
     if block_mass is not None and ranked:

@@ -48,6 +48,10 @@ POLICIES = {
                             dict(block_size=2, top_blocks=3, local_window=3)),
     "hier-b4-mass": (lambda: HierarchicalVisibility(4, 4, 6, sinks=2, block_mass=0.6),
                      dict(block_size=4, top_blocks=4, local_window=6, sinks=2, block_mass=0.6)),
+    "hier-b4-top2-kvhead": (lambda: HierarchicalVisibility(4, 2, 4, sinks=1, select="kv-head"),
+                            dict(block_size=4, top_blocks=2, local_window=4, sinks=1, block_select="kv-head")),
+    "hier-b4-mass-kvhead": (lambda: HierarchicalVisibility(4, 4, 6, block_mass=0.6, select="kv-head"),
+                            dict(block_size=4, top_blocks=4, local_window=6, block_mass=0.6, block_select="kv-head")),
 }
 CODECS = [("fp32", "per-channel"), ("fp16", "per-channel"), ("int8", "per-channel"),
           ("int4", "per-channel"), ("int8", "per-token"), ("int4", "per-token")]

@@ -12,7 +12,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgeattn.convert import ConvertOptions, convert
 from edgeattn.evaluation.calibration import calibration_ids
 from edgeattn.exporters.checks import GraphCheckError, check_graph, fused_op_name, op_histogram
 from edgeattn.exporters.edgeattn_ops import attach_functions, lowering_for, unsupported_reason
@@ -50,27 +49,18 @@ CASES = {
     "gpt2-ring": ("gpt2", AttentionSpec(**RING)),  # learned positions: no rotation in the op
     "mistral-ring-int8-channel": ("mistral", AttentionSpec(**RING, kv_cache="int8")),
     "phi3-gqa-hierarchical-fp16": ("phi3", AttentionSpec(kv_heads=2, block_size=4, top_blocks=2, kv_cache="fp16")),
+    # (top 2 here meets a block pair whose bounds differ by 9e-6, within float rounding of ORT vs torch)
+    "hierarchical-kv-head-int8": ("llama", AttentionSpec(block_size=4, top_blocks=3, sinks=1, kv_cache="int8",
+                                                         block_select="kv-head")),
 }
 OP_OF = {"ring": "SinkWindowAttention", "full": "QuantKVAttention", "hierarchical": "HierarchicalAttention"}
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Rewrite and export once per case (the exporter attaches the function bodies); a folder EdgeLM can load."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            family, spec = CASES[name]
-            model = load(f"tiny-{family}")
-            decoder = model.decoder
-            rewrite(decoder, spec, calibration_ids(model.tokenizer, None))
-            lowerings = [lowering_for(attn, spec, MAX_LENGTH) for attn in decoder.attentions()]
-            folder = _folder(tmp_path_factory.mktemp(name), decoder, lowerings, model.tokenizer)
-            cache[name] = (folder, decoder, lowerings)
-        return cache[name]
-
-    return get
+@pytest.fixture
+def case(exported):
+    """The folder, decoder and lowerings of CASES[name] with the edgeattn lowering (exported once per session; the
+    exporter attaches the function bodies)."""
+    return lambda name: exported(*CASES[name], lowering_for, MAX_LENGTH)
 
 
 def _folder(folder, decoder, lowerings, tokenizer):
@@ -79,33 +69,33 @@ def _folder(folder, decoder, lowerings, tokenizer):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_edgeattn_lowering_matches_pytorch(exported, name):
+def test_edgeattn_lowering_matches_pytorch(case, name):
     """Prefill 40, 32 greedy decode steps (the rings wrap several times), a 13-token chunk, one more step."""
-    folder, decoder, _ = exported(name)
+    folder, decoder, _ = case(name)
     chunks = [random_ids(1, 40, 0)] + [None] * DECODE_STEPS + [random_ids(1, 13, 1), None]
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert worst < ONNX_VS_TORCH
     assert torch_tokens == ort_tokens
 
 
-def test_batched_chunks_on_a_wrapped_ring(exported):
-    folder, decoder, _ = exported("ring-int4-token")
+def test_batched_chunks_on_a_wrapped_ring(case):
+    folder, decoder, _ = case("ring-int4-token")
     chunks = [random_ids(3, 9, 2), None, random_ids(3, 6, 3), None, None, random_ids(3, 11, 4), None, random_ids(3, 3, 5)]
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH, batch=3)
     assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
 
 
-def test_ring_generates_past_max_length(exported):
-    folder, decoder, lowerings = exported("ring")
-    assert lowerings[0].cache_layout()["max_positions"] is None  # RoPE positions are reassigned in the ring
+def test_ring_generates_past_max_length(case):
+    folder, decoder, lowerings = case("ring")
+    assert lowerings[0].cache_layout().max_positions is None  # RoPE positions are reassigned in the ring
     chunks = [random_ids(1, 80, 6)] + [None] * DECODE_STEPS  # 112 tokens > MAX_LENGTH
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
 
 
 @pytest.mark.parametrize("name", ["ring", "full-int8-token", "hierarchical"])
-def test_one_edgeattn_node_per_layer_and_no_softmax_outside(exported, name):
-    folder, _, lowerings = exported(name)
+def test_one_edgeattn_node_per_layer_and_no_softmax_outside(case, name):
+    folder, _, lowerings = case(name)
     path = folder / "model.onnx"
     histogram = check_graph(path, [fused_op_name(lowering) for lowering in lowerings])  # one node per layer
     assert histogram == op_histogram(onnx.load(str(path), load_external_data=False))
@@ -134,24 +124,24 @@ def _presents(folder, ids: torch.Tensor, chunk_lengths: list[int]) -> list[np.nd
     return caches
 
 
-def test_ring_slots_hold_the_positions_written_out_by_hand(exported):
+def test_ring_slots_hold_the_positions_written_out_by_hand(case):
     """window 8, sinks 2, 15 tokens: sinks stay in slots 0-1, token t >= 2 in slot 2 + (t - 2) % 8."""
-    folder, decoder, _ = exported("ring")
+    folder, decoder, _ = case("ring")
     ids = random_ids(1, 15, 7)
     key_buffer = _presents(folder, ids, [5, 1, 1, 6, 1, 1])[0][0]  # layer 0 keys [Hkv, C, D]
     position_of_slot = {0: 0, 1: 1, 2: 10, 3: 11, 4: 12, 5: 13, 6: 14, 7: 7, 8: 8, 9: 9}
     attn = decoder.attentions()[0]
     with torch.no_grad():  # layer-0 keys are stored unrotated: k_proj(norm(embedding)), position-free
-        keys = attn._heads(attn.k_proj(decoder.blocks[0].attn_norm(decoder.embed(ids))), attn.num_kv_heads)[0]
+        keys = attn.split_heads(attn.k_proj(decoder.blocks[0].attn_norm(decoder.embed(ids))), attn.num_kv_heads)[0]
     for slot, position in position_of_slot.items():
         np.testing.assert_allclose(key_buffer[:, slot], keys[:, position].numpy(), atol=1e-5)
 
 
-def test_per_token_rows_hold_codes_and_fp16_scales(exported):
+def test_per_token_rows_hold_codes_and_fp16_scales(case):
     """int4 per-token, head_dim 16 (one key group): 8 bytes of nibbles (low first), then fp16 little-endian
     [key scale, value scale] in the key row and [key min, value min] in the value row; decoded with numpy
     it is the PyTorch cache (which keeps codec-round-tripped keys)."""
-    folder, decoder, _ = exported("ring-int4-token")
+    folder, decoder, _ = case("ring-int4-token")
     ids = random_ids(1, 23, 8)
     key_rows, value_rows = (buffer[0] for buffer in _presents(folder, ids, [20, 1, 1, 1])[:2])  # [Hkv, C, 12]
     cache = decoder.new_cache(1, MAX_LENGTH)
@@ -177,19 +167,19 @@ def test_per_token_rows_hold_codes_and_fp16_scales(exported):
 @pytest.mark.parametrize(("name", "dtype"), [
     ("ring", "float32"), ("ring-fp16", "float16"), ("ring-int8-channel", "int8"), ("ring-int4-token", "uint8"),
     ("full-int8-token", "uint8")])
-def test_cache_buffers_cost_exactly_the_codec_bytes(exported, name, dtype):
-    _, decoder, lowerings = exported(name)
+def test_cache_buffers_cost_exactly_the_codec_bytes(case, name, dtype):
+    _, decoder, lowerings = case(name)
     layout = lowerings[0].cache_layout()
-    kv_heads, capacity, width = layout["shape_tail"]
-    assert layout["dtype"] == dtype
+    kv_heads, capacity, width = layout.shape_tail
+    assert layout.dtype == dtype
     buffer_bytes_per_token = 2 * kv_heads * width * np.dtype(dtype).itemsize * len(lowerings)
     assert buffer_bytes_per_token == decoder.kv_bytes_per_token()
     assert capacity == (10 if name.startswith("ring") else MAX_LENGTH)
 
 
-def test_learned_positions_keep_their_table_limit(exported):
-    _, _, lowerings = exported("gpt2-ring")
-    assert lowerings[0].cache_layout()["max_positions"] == MAX_LENGTH
+def test_learned_positions_keep_their_table_limit(case):
+    _, _, lowerings = case("gpt2-ring")
+    assert lowerings[0].cache_layout().max_positions == MAX_LENGTH
     assert not lowerings[0].inv_freq.any()  # rotation by angle zero
 
 
@@ -198,8 +188,8 @@ def test_every_spec_is_representable(spec):
     assert unsupported_reason(spec, "cpu", has_rotary=True) is None
 
 
-def test_check_graph_refuses_a_custom_node_without_its_body(exported, tmp_path):
-    folder, _, lowerings = exported("ring")
+def test_check_graph_refuses_a_custom_node_without_its_body(case, tmp_path):
+    folder, _, lowerings = case("ring")
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     del model.functions[:]
     onnx.save(model, str(tmp_path / "model.onnx"))
@@ -217,20 +207,11 @@ WEIGHTS_SPEC = AttentionSpec(**RING)
 INT4_MIN_TOP1, INT4_MIN_MEAN_SQNR_DB = 0.75, 10.0
 
 
-@pytest.fixture(scope="module")
-def converted_weights(tmp_path_factory):
-    cache = {}
-
-    def get(weights: str):
-        if weights not in cache:
-            folder = tmp_path_factory.mktemp(f"weights-{weights}") / "out"
-            options = ConvertOptions("tiny-llama", folder, WEIGHTS_SPEC, weights=weights, attention_op="edgeattn",
+@pytest.fixture
+def converted_weights(converted):
+    """tiny-llama with the ring and ``weights`` through convert with the edgeattn lowering (once per session)."""
+    return lambda weights: converted("tiny-llama", WEIGHTS_SPEC, weights=weights, attention_op="edgeattn",
                                      max_length=MAX_LENGTH)
-            manifest = convert(options)
-            cache[weights] = (folder, manifest)
-        return cache[weights]
-
-    return get
 
 
 @pytest.mark.parametrize("weights", ["fp16", "int8", "int4"])
@@ -239,11 +220,11 @@ def test_weight_quantization_keeps_the_function_bodies(converted_weights, weight
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     assert {entry.domain: entry.version for entry in model.opset_import}["edgeattn"] == 1
     assert {f.name for f in model.functions} >= {"SinkWindowAttention", "EncodeKV", "DecodeKV", "Rope"}
-    histogram = manifest["op_histogram"]
+    histogram = manifest.op_histogram
     assert histogram["edgeattn.SinkWindowAttention"] == 2 and "Softmax" not in histogram
     if weights != "fp16":
         assert histogram["com.microsoft.MatMulNBits"] == 2 * 7 + 1 and "MatMul" not in histogram
-    assert manifest["lowering"]["chosen"] == "edgeattn" and manifest["numerics"]["passed"]
+    assert manifest.lowering.chosen == "edgeattn" and manifest.numerics["passed"]
 
 
 def test_int4_weights_agree_with_the_fp32_model(converted_weights):

@@ -46,19 +46,13 @@ def _spec(family: str, name: str) -> AttentionSpec:
     return spec
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Convert each (family, spec) with --attention-op onnx once per module."""
-    cache = {}
-
+@pytest.fixture
+def case(converted):
+    """(folder, manifest, spec) of tiny-``family`` with ONNX_SPECS[name] through convert --attention-op onnx
+    (converted once per session)."""
     def get(family: str, name: str):
-        if (family, name) not in cache:
-            folder = tmp_path_factory.mktemp(f"{family}-{name}") / "out"
-            spec = _spec(family, name)
-            manifest = convert(ConvertOptions(f"tiny-{family}", folder, spec, attention_op="onnx",
-                                              max_length=MAX_LENGTH))
-            cache[family, name] = (folder, manifest, spec)
-        return cache[family, name]
+        spec = _spec(family, name)
+        return *converted(f"tiny-{family}", spec, attention_op="onnx", max_length=MAX_LENGTH), spec
 
     return get
 
@@ -70,22 +64,22 @@ def _rewritten_decoder(family: str, spec: AttentionSpec):
 
 
 @pytest.mark.parametrize(("family", "name"), CASES)
-def test_onnx_lowering_matches_pytorch(converted, family, name):
+def test_onnx_lowering_matches_pytorch(case, family, name):
     """Prefill 40, 32 greedy decode steps (the 12-token windows slide far), a 7-token chunk, one more step.
     int8/int4 caches hold the codes edgeattn's codecs write, equal to PyTorch's fake-quantized cache."""
-    folder, manifest, spec = converted(family, name)
+    folder, manifest, spec = case(family, name)
     decoder = _rewritten_decoder(family, spec)
     chunks = [random_ids(1, 40, 0)] + [None] * DECODE_STEPS + [random_ids(1, 7, 1), None]
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert worst < ONNX_VS_TORCH
     assert torch_tokens == ort_tokens
-    assert manifest["lowering"]["per_layer"] == ["onnx", "onnx"]
-    assert manifest["opset"] == (23 if spec.window else 24)  # the ring needs no opset-24 op
-    assert manifest["kv_cache"]["ring"] == (spec.window is not None)
+    assert manifest.lowering.per_layer == ["onnx", "onnx"]
+    assert manifest.opset == (23 if spec.window else 24)  # the ring needs no opset-24 op
+    assert manifest.kv_cache.ring == (spec.window is not None)
 
 
-def test_batched_prefill_and_decode(converted):
-    folder, _, spec = converted("llama", "mqa-fp16")
+def test_batched_prefill_and_decode(case):
+    folder, _, spec = case("llama", "mqa-fp16")
     decoder = _rewritten_decoder("llama", spec)
     chunks = [random_ids(3, 9, 2), None, random_ids(3, 4, 3), None, None]
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH, batch=3)
@@ -93,8 +87,8 @@ def test_batched_prefill_and_decode(converted):
 
 
 @pytest.mark.parametrize("name", ["identity", "kv-int4-token"])
-def test_graph_is_standard_onnx_with_one_attention_per_layer(converted, name):
-    folder, manifest, _ = converted("llama", name)
+def test_graph_is_standard_onnx_with_one_attention_per_layer(case, name):
+    folder, manifest, _ = case("llama", name)
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     histogram = op_histogram(model)
     assert {entry.domain: entry.version for entry in model.opset_import} == {"": 24}
@@ -104,14 +98,14 @@ def test_graph_is_standard_onnx_with_one_attention_per_layer(converted, name):
     assert histogram["TensorScatter"] == 4  # key and value cache of each layer
     assert histogram["RMSNormalization"] == 5
     assert "Softmax" not in histogram
-    assert manifest["lowering"]["norm_fusion"] == "standard"  # no onnxruntime-only fusions in a portable graph
-    assert manifest["op_histogram"] == histogram
+    assert manifest.lowering.norm_fusion == "standard"  # no onnxruntime-only fusions in a portable graph
+    assert manifest.op_histogram == histogram
 
 
-def test_cache_buffer_holds_the_rotated_keys_at_their_positions(converted):
+def test_cache_buffer_holds_the_rotated_keys_at_their_positions(case):
     """Prefill 5 + decode 1 through the shared buffers: slots 0..5 hold layer-0 keys rotated by RoPE
     (written out below with numpy), every later slot is still zero."""
-    folder, manifest, spec = converted("llama", "identity")
+    folder, manifest, spec = case("llama", "identity")
     decoder = _rewritten_decoder("llama", spec)
     ids = random_ids(1, 6, 4)
     lm = EdgeLM.load(folder, threads=1)
@@ -131,21 +125,21 @@ def test_cache_buffer_holds_the_rotated_keys_at_their_positions(converted):
     rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
     np.testing.assert_allclose(buffer[:, :6], rotated, atol=1e-5)
     assert not buffer[:, 6:].any()
-    assert buffer.shape == (2, MAX_LENGTH, 16) and manifest["kv_cache"]["capacity"] == MAX_LENGTH
+    assert buffer.shape == (2, MAX_LENGTH, 16) and manifest.kv_cache.capacity == MAX_LENGTH
 
 
-def test_fp16_cache_buffers_cost_two_bytes_per_value(converted):
-    folder, manifest, _ = converted("llama", "mqa-fp16")
-    kv = manifest["kv_cache"]
-    assert kv["dtype"] == "float16" and kv["shape_tail"] == [1, MAX_LENGTH, 16]
-    assert kv["bytes_per_token"] == 2 * 2 * 1 * 16 * 2  # layers x (k, v) x kv heads x head dim x 2 bytes
+def test_fp16_cache_buffers_cost_two_bytes_per_value(case):
+    folder, manifest, _ = case("llama", "mqa-fp16")
+    kv = manifest.kv_cache
+    assert kv.dtype == "float16" and kv.shape_tail == [1, MAX_LENGTH, 16]
+    assert kv.bytes_per_token == 2 * 2 * 1 * 16 * 2  # layers x (k, v) x kv heads x head dim x 2 bytes
     lm = EdgeLM.load(folder)
     lm.reset(1)
     assert lm._caches[0].key.data_type() == "tensor(float16)"
 
 
-def test_full_cache_stops_with_a_clear_error(converted):
-    folder, _, _ = converted("llama", "kv-int8-token")
+def test_full_cache_stops_with_a_clear_error(case):
+    folder, _, _ = case("llama", "kv-int8-token")
     lm = EdgeLM.load(folder)
     lm.reset(1)
     lm.forward(np.zeros((1, MAX_LENGTH - 1), dtype=np.int64))
@@ -153,12 +147,12 @@ def test_full_cache_stops_with_a_clear_error(converted):
         lm.forward(np.zeros((1, 2), dtype=np.int64))
 
 
-def test_quantized_cache_buffers_hold_the_codec_rows(converted):
+def test_quantized_cache_buffers_hold_the_codec_rows(case):
     """int4 per token, head_dim 16: 8 bytes of codes + 2 fp16 parameters per row, the bytes the manifest counts."""
-    folder, manifest, _ = converted("llama", "kv-int4-token")
-    kv = manifest["kv_cache"]
-    assert kv["dtype"] == "uint8" and kv["shape_tail"] == [2, MAX_LENGTH, 8 + 2 * 2]
-    assert kv["bytes_per_token"] == 2 * 2 * 2 * 12  # layers x (k, v) x kv heads x row bytes
+    folder, manifest, _ = case("llama", "kv-int4-token")
+    kv = manifest.kv_cache
+    assert kv.dtype == "uint8" and kv.shape_tail == [2, MAX_LENGTH, 8 + 2 * 2]
+    assert kv.bytes_per_token == 2 * 2 * 2 * 12  # layers x (k, v) x kv heads x row bytes
 
 
 def test_hierarchical_attention_with_a_quantized_cache_is_refused(tmp_path):

@@ -34,6 +34,10 @@ CASES = {
     "phi3-gqa": ("phi3", AttentionSpec(kv_heads=2, block_size=4, top_blocks=3)),
     "qwen2-mqa": ("qwen2", AttentionSpec(kv_heads=1, block_size=4, top_blocks=2, sinks=3)),  # q/k/v biases
     "gpt2": ("gpt2", AttentionSpec(block_size=4, top_blocks=2, sinks=2)),  # learned positions: nothing rotates
+    # Blocks chosen per kv head: 2 query heads share each choice (llama), all 4 (qwen2 as MQA).
+    "llama-kv-head": ("llama", AttentionSpec(block_size=4, top_blocks=2, sinks=1, window=6, block_select="kv-head")),
+    "qwen2-mqa-kv-head-mass": ("qwen2", AttentionSpec(kv_heads=1, block_size=8, top_blocks=4, block_mass=0.6, window=12,
+                                                      block_select="kv-head")),
 }
 
 
@@ -43,31 +47,24 @@ def _rewritten(family: str, spec: AttentionSpec):
     return model
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Rewrite and export once per (family, spec) with the onnx lowering; a folder EdgeLM can load."""
-    cache = {}
-
+@pytest.fixture
+def hierarchical(exported):
+    """The folder, decoder and lowerings of tiny-``family`` with ``spec`` and the onnx lowering (exported once per
+    session)."""
     def get(family: str, spec: AttentionSpec):
-        key = (family, spec)
-        if key not in cache:
-            model = _rewritten(family, spec)
-            lowerings = [lowering_for(attn, spec, MAX_LENGTH) for attn in model.decoder.attentions()]
-            assert all(isinstance(lowering, HierarchicalAttentionLowering) for lowering in lowerings)
-            folder = exported_folder(tmp_path_factory.mktemp(family), model.decoder, lowerings, model.tokenizer,
-                                     MAX_LENGTH)
-            cache[key] = (folder, model.decoder, lowerings)
-        return cache[key]
+        folder, decoder, lowerings = exported(family, spec, lowering_for, MAX_LENGTH)
+        assert all(isinstance(lowering, HierarchicalAttentionLowering) for lowering in lowerings)
+        return folder, decoder, lowerings
 
     return get
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_hierarchical_matches_pytorch(exported, name):
+def test_hierarchical_matches_pytorch(hierarchical, name):
     """Prefill 40, 32 greedy decode steps, a 13-token chunk, one more step: every logit within 1e-4 of PyTorch's,
     and far from full attention's on the same tokens (the selection is not a no-op)."""
     family, spec = CASES[name]
-    folder, decoder, _ = exported(family, spec)
+    folder, decoder, _ = hierarchical(family, spec)
     chunks = [random_ids(1, 40, 0)] + [None] * DECODE_STEPS + [random_ids(1, 13, 1), None]
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert worst < ONNX_VS_TORCH
@@ -79,9 +76,9 @@ def test_hierarchical_matches_pytorch(exported, name):
     assert vs_full > SPARSE_VS_FULL
 
 
-def test_hierarchical_batch_of_two_matches_pytorch(exported):
+def test_hierarchical_batch_of_two_matches_pytorch(hierarchical):
     family, spec = CASES["llama-sinks-window"]
-    folder, decoder, _ = exported(family, spec)
+    folder, decoder, _ = hierarchical(family, spec)
     chunks = [random_ids(2, 30, 3)] + [None] * 12 + [random_ids(2, 9, 4)]
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH, batch=2)
     assert worst < ONNX_VS_TORCH
@@ -89,20 +86,31 @@ def test_hierarchical_batch_of_two_matches_pytorch(exported):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_keeping_every_block_is_full_attention(exported, family):
+def test_keeping_every_block_is_full_attention(hierarchical, family):
     """top_blocks >= the blocks of the cache: the exported model equals the unrewritten one within 1e-4."""
-    folder, _, _ = exported(family, AttentionSpec(block_size=4, top_blocks=MAX_LENGTH // 4))
+    folder, _, _ = hierarchical(family, AttentionSpec(block_size=4, top_blocks=MAX_LENGTH // 4))
     chunks = [random_ids(1, 37, 5)] + [None] * 24 + [random_ids(1, 11, 6)] + [None] * 4
     worst, torch_tokens, ort_tokens = compare(folder, load(f"tiny-{family}").decoder, chunks, MAX_LENGTH)
     assert worst < ONNX_VS_TORCH
     assert torch_tokens == ort_tokens
 
 
-@pytest.mark.parametrize("name", ["llama-sinks-window", "llama-mass"])
-def test_chunked_prefill_equals_token_by_token_decode(exported, name):
+def test_kv_head_selection_is_not_query_head_selection(hierarchical):
+    """The kv-head case's folder against the PyTorch model that selects per query head: far apart, so the
+    kv-head cases above test the shared choice, not a relabelled per-head one."""
+    family, spec = CASES["llama-kv-head"]
+    folder, _, _ = hierarchical(family, spec)
+    per_query_head = _rewritten(family, AttentionSpec(**{**spec.to_dict(), "block_select": "query-head"})).decoder
+    chunks = [random_ids(1, 40, 0)] + [random_ids(1, 1, seed) for seed in range(2, 2 + DECODE_STEPS)]
+    worst, _, _ = compare(folder, per_query_head, chunks, MAX_LENGTH)
+    assert worst > SPARSE_VS_FULL
+
+
+@pytest.mark.parametrize("name", ["llama-sinks-window", "llama-mass", "llama-kv-head"])
+def test_chunked_prefill_equals_token_by_token_decode(hierarchical, name):
     """The same 70 tokens fed whole, token by token, and in uneven chunks: the logits after each shared prefix
     agree within 1e-4 (the dense chunk branch selects what the sparse decode branch does)."""
-    folder, _, _ = exported(*CASES[name])
+    folder, _, _ = hierarchical(*CASES[name])
     tokens = random_ids(1, 70, 7).numpy()
     lm = EdgeLM.load(folder, threads=1)
 
@@ -120,11 +128,11 @@ def test_chunked_prefill_equals_token_by_token_decode(exported, name):
             np.testing.assert_allclose(logits, one_by_one[end], atol=ONNX_VS_TORCH, rtol=0)
 
 
-def test_block_summaries_are_the_max_and_min_of_each_blocks_keys(exported):
+def test_block_summaries_are_the_max_and_min_of_each_blocks_keys(hierarchical):
     """After a 21-token prompt and 30 decode steps (T = 51, block 5): rows C + b of the key buffer hold the
     per-channel max of block b's key rows, of the value buffer their min, the open block included."""
     family, spec = CASES["mistral-uneven-blocks"]
-    folder, _, lowerings = exported(family, spec)
+    folder, _, lowerings = hierarchical(family, spec)
     layer = lowerings[0]
     lm = EdgeLM.load(folder, threads=1)
     lm.reset(1)
@@ -146,13 +154,13 @@ def test_convert_records_the_budget_and_refuses_a_full_cache(tmp_path):
     cache holds (its buffers also hold the summaries); the runtime stops at that many tokens."""
     spec = AttentionSpec(block_size=8, top_blocks=3, sinks=2, window=16)
     manifest = convert(ConvertOptions("tiny-llama", tmp_path / "out", spec, max_length=MAX_LENGTH))
-    assert manifest["lowering"]["chosen"] == "onnx"
-    assert not any(op.startswith("edgeattn") for op in manifest["op_histogram"])
-    assert {"TopK", "GatherND", "Attention"} <= set(manifest["op_histogram"])
-    kv = manifest["kv_cache"]
-    assert kv["keys_read"] == 2 + 16 + 3 * 8
-    assert kv["tokens"] == MAX_LENGTH and kv["capacity"] == MAX_LENGTH + 12  # 12 block summaries
-    assert manifest["spec"]["block_size"] == 8 and manifest["spec"]["top_blocks"] == 3
+    assert manifest.lowering.chosen == "onnx"
+    assert not any(op.startswith("edgeattn") for op in manifest.op_histogram)
+    assert {"TopK", "GatherND", "Attention"} <= set(manifest.op_histogram)
+    kv = manifest.kv_cache
+    assert kv.keys_read == 2 + 16 + 3 * 8
+    assert kv.tokens == kv.cache_tokens == MAX_LENGTH and kv.capacity == MAX_LENGTH + 12  # 12 block summaries
+    assert manifest.spec["block_size"] == 8 and manifest.spec["top_blocks"] == 3
     lm = EdgeLM.load(tmp_path / "out", threads=1)
     lm.reset(1)
     lm.forward(random_ids(1, MAX_LENGTH, 9).numpy())

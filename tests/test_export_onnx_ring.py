@@ -11,15 +11,11 @@ import pytest
 import torch
 
 from edgeattn.convert import ConvertOptions, convert
-from edgeattn.evaluation.calibration import calibration_ids
 from edgeattn.exporters.checks import op_histogram
 from edgeattn.exporters.export import cache_names
 from edgeattn.exporters.onnx_attention import lowering_for
-from edgeattn.models import load
-from edgeattn.rewrites import rewrite
 from edgeattn.runtimes import EdgeLM
 from edgeattn.spec import AttentionSpec
-from tests.minimal_folder import exported_folder
 from tests.onnx_vs_torch import compare, random_ids
 
 ONNX_VS_TORCH = 1e-4  # fp32 max-abs logit difference, prefill + every decode step
@@ -49,46 +45,33 @@ CASES = {
 # test_codec_ring_rows_decode_to_the_pytorch_cache checks the stored codes themselves.
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Rewrite and export once per case with the onnx lowering; a folder EdgeLM can load."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            family, spec = CASES[name]
-            model = load(f"tiny-{family}")
-            decoder = model.decoder
-            rewrite(decoder, spec, calibration_ids(model.tokenizer, None))
-            lowerings = [lowering_for(attn, spec, MAX_LENGTH) for attn in decoder.attentions()]
-            folder = exported_folder(tmp_path_factory.mktemp(name), decoder, lowerings, model.tokenizer, MAX_LENGTH)
-            cache[name] = (folder, decoder, lowerings)
-        return cache[name]
-
-    return get
+@pytest.fixture
+def case(exported):
+    """The folder, decoder and lowerings of CASES[name] with the onnx lowering (exported once per session)."""
+    return lambda name: exported(*CASES[name], lowering_for, MAX_LENGTH)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_ring_matches_pytorch(exported, name):
+def test_ring_matches_pytorch(case, name):
     """Prefill 40, 32 greedy decode steps (the rings wrap several times), a 13-token chunk on the wrapped ring,
     one more step."""
-    folder, decoder, _ = exported(name)
+    folder, decoder, _ = case(name)
     chunks = [random_ids(1, 40, 0)] + [None] * DECODE_STEPS + [random_ids(1, 13, 1), None]
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert worst < ONNX_VS_TORCH
     assert torch_tokens == ort_tokens
 
 
-def test_short_prompts_fill_the_sinks_step_by_step(exported):
+def test_short_prompts_fill_the_sinks_step_by_step(case):
     """A 1-token prompt: the sinks arrive one decode step at a time, then a chunk that reaches past the ring."""
-    folder, decoder, _ = exported("mistral-ring")
+    folder, decoder, _ = case("mistral-ring")
     chunks = [random_ids(1, 1, 2)] + [None] * 12 + [random_ids(1, 3, 3), None, random_ids(1, 30, 4), None]
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
 
 
-def test_batched_chunks_on_a_wrapped_ring(exported):
-    folder, decoder, _ = exported("ring")
+def test_batched_chunks_on_a_wrapped_ring(case):
+    folder, decoder, _ = case("ring")
     chunks = [random_ids(3, 9, 2), None, random_ids(3, 6, 3), None, None, random_ids(3, 11, 4), None, random_ids(3, 3, 5)]
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH, batch=3)
     assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
@@ -100,12 +83,12 @@ FP16_ROUNDING = 1e-3
 
 
 @pytest.mark.parametrize(("name", "tolerance"), [("ring", ONNX_VS_TORCH), ("ring-fp16", FP16_ROUNDING)])
-def test_positions_past_1e5_stay_exact(exported, name, tolerance):
+def test_positions_past_1e5_stay_exact(case, name, tolerance):
     """~100k tokens in 2048-token chunks (the 10-slot ring wraps ~10^4 times, the model's table has 512
     positions), then 32 decode steps at positions around 1.0e5: still PyTorch's logits, whose ring scores
     use small in-cache positions, so float32 angles of absolute positions would be off by ~1e-2 here."""
-    folder, decoder, lowerings = exported(name)
-    assert lowerings[0].cache_layout()["max_positions"] is None
+    folder, decoder, lowerings = case(name)
+    assert lowerings[0].cache_layout().max_positions is None
     chunks = [random_ids(1, 2048, 100 + seed) for seed in range(49)] + [None] * DECODE_STEPS
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH)
     assert 49 * 2048 > 1e5
@@ -114,10 +97,10 @@ def test_positions_past_1e5_stay_exact(exported, name, tolerance):
 
 
 @pytest.mark.parametrize("name", ["ring", "window", "gpt2-ring", "ring-int4-channel", "ring-int8-token"])
-def test_chunked_prefill_equals_token_by_token_decode(exported, name):
+def test_chunked_prefill_equals_token_by_token_decode(case, name):
     """The same 70 tokens as chunks (25, 1, 13, 31: the in-place branch, then copies of a wrapped ring) and one
     by one (the in-place branch only): the same logits after every chunk."""
-    folder, _, _ = exported(name)
+    folder, _, _ = case(name)
     ids = random_ids(1, 70, 9).numpy()
     chunked, stepwise = EdgeLM.load(folder, threads=1), EdgeLM.load(folder, threads=1)
     chunked.reset(1)
@@ -146,18 +129,18 @@ def _presents(folder, ids: torch.Tensor, chunk_lengths: list[int]) -> list[np.nd
     return caches
 
 
-def test_slots_hold_keys_rotated_as_the_layout_says(exported):
+def test_slots_hold_keys_rotated_as_the_layout_says(case):
     """window 8, sinks 2, 15 tokens ending with a decode step: window slot s holds token 2 + ... at its
     absolute position (slot 2 + (t - 2) % 8 <- t for t = 7..14), slots 10-11 the sinks rotated at their own
     positions 0-1, slots 0-1 the sinks rotated on by e = 15 - 10 = 5; the values sit in slots 0..9."""
-    folder, decoder, _ = exported("ring")
+    folder, decoder, _ = case("ring")
     ids = random_ids(1, 15, 7)
     key_buffer, value_buffer = (buffer[0] for buffer in _presents(folder, ids, [5, 1, 1, 6, 1, 1])[:2])
     attn = decoder.attentions()[0]
     with torch.no_grad():  # layer-0 keys and values before RoPE: k_proj/v_proj(norm(embedding))
         hidden = decoder.blocks[0].attn_norm(decoder.embed(ids))
-        keys = attn._heads(attn.k_proj(hidden), attn.num_kv_heads)  # [1, Hkv, 15, D]
-        values = attn._heads(attn.v_proj(hidden), attn.num_kv_heads)[0]
+        keys = attn.split_heads(attn.k_proj(hidden), attn.num_kv_heads)  # [1, Hkv, 15, D]
+        values = attn.split_heads(attn.v_proj(hidden), attn.num_kv_heads)[0]
 
     def rotated(position: int, at: int) -> np.ndarray:
         return attn.rotary.rotate(keys[:, :, position:position + 1], torch.tensor([at]))[0, :, 0].numpy()
@@ -173,10 +156,10 @@ def test_slots_hold_keys_rotated_as_the_layout_says(exported):
     assert not value_buffer[:, 10:].any()
 
 
-def test_codec_ring_rows_decode_to_the_pytorch_cache(exported):
+def test_codec_ring_rows_decode_to_the_pytorch_cache(case):
     """int8 per channel: the key buffer holds round(k / scale) of the unrotated keys in the slots the ring
     assigns (the rows edgeattn's own ring stores); codes x scale are PyTorch's cached (fake-quantized) keys."""
-    folder, decoder, lowerings = exported("ring-int8-channel")
+    folder, decoder, lowerings = case("ring-int8-channel")
     ids = random_ids(1, 23, 8)
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     past_names, _ = cache_names(len(lowerings))
@@ -198,8 +181,8 @@ def test_codec_ring_rows_decode_to_the_pytorch_cache(exported):
     np.testing.assert_allclose(caches[1][0] * codec.v_scale[:, None, :].numpy(), layer.values[0].numpy(), atol=1e-6)
 
 
-def test_graph_is_standard_onnx_with_one_if_and_one_attention_per_layer(exported):
-    folder, _, lowerings = exported("ring")
+def test_graph_is_standard_onnx_with_one_if_and_one_attention_per_layer(case):
+    folder, _, lowerings = case("ring")
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     histogram = op_histogram(model)
     assert {entry.domain for entry in model.opset_import} == {""} and not model.functions
@@ -212,7 +195,7 @@ def test_graph_is_standard_onnx_with_one_if_and_one_attention_per_layer(exported
     assert [node.op_type for node in decode.node if node.op_type != "Constant"] == [
         "Reshape", "Split", "RotaryEmbedding", "RotaryEmbedding", "Slice", "RotaryEmbedding", "Concat",
         "ScatterElements", "ScatterElements", "Attention", "Reshape"]
-    layout = lowerings[0].cache_layout()
+    layout = lowerings[0].cache_layout().manifest()
     assert layout == {"capacity": 12, "dtype": "float32", "shape_tail": [2, 12, 16], "ring": True,
                       "max_positions": None}
 
@@ -221,12 +204,12 @@ def test_graph_is_standard_onnx_with_one_if_and_one_attention_per_layer(exported
     (AttentionSpec(window=8, sinks=2), "onnx"), (AttentionSpec(kv_heads=1, window=8, sinks=4), "onnx")])
 def test_auto_converts_sinks_to_the_ring_and_records_why(tmp_path, spec, expected):
     manifest = convert(ConvertOptions("tiny-llama", tmp_path / "out", spec, max_length=MAX_LENGTH))
-    lowering = manifest["lowering"]
-    assert lowering["chosen"] == expected and lowering["op_per_layer"] == ["Attention", "Attention"]
-    assert "sinks" in lowering["not_chosen"]["ort"]
-    assert lowering["not_chosen"]["edgeattn"].startswith("slower than onnx")
-    assert manifest["kv_cache"]["ring"] and manifest["kv_cache"]["capacity"] == spec.window + 2 * spec.sinks
-    assert manifest["numerics"]["passed"]
+    lowering = manifest.lowering
+    assert lowering.chosen == expected and lowering.op_per_layer == ["Attention", "Attention"]
+    assert "sinks" in lowering.not_chosen["ort"]
+    assert lowering.not_chosen["edgeattn"].startswith("slower than onnx")
+    assert manifest.kv_cache.ring and manifest.kv_cache.capacity == spec.window + 2 * spec.sinks
+    assert manifest.numerics["passed"]
 
 
 def test_int4_weights_keep_the_scales_only_the_branches_read(tmp_path):
@@ -240,5 +223,5 @@ def test_int4_weights_keep_the_scales_only_the_branches_read(tmp_path):
                      for attribute in node.attribute for inner in attribute.g.node for name in inner.input}
     scales = {init.name for init in model.graph.initializer if init.name.endswith("k_scale")}
     assert scales and scales <= branch_inputs
-    assert manifest["numerics"]["passed"]
+    assert manifest.numerics["passed"]
     assert op_histogram(model).get("com.microsoft.MatMulNBits", 0) > 0

@@ -35,21 +35,15 @@ CASES = [("llama", name) for name in sorted(ORT_SPECS)] + [
     (family, name) for family in ("mistral", "phi3", "qwen2") for name in ("identity", "mqa-kv-int8")]
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Convert each (family, spec) once per module."""
-    cache = {}
-
+@pytest.fixture
+def case(converted):
+    """(folder, manifest, spec) of tiny-``family`` with ORT_SPECS[name] and ``options`` through convert (converted
+    once per session)."""
     def get(family: str, name: str, **options):
-        key = (family, name, tuple(sorted(options.items())))
-        if key not in cache:
-            folder = tmp_path_factory.mktemp(f"{family}-{name}") / "out"
-            spec = ORT_SPECS[name]
-            if spec.kv_heads is not None and family == "phi3":
-                spec = AttentionSpec(**{**spec.to_dict(), "kv_heads": 2})
-            manifest = convert(ConvertOptions(f"tiny-{family}", folder, spec, max_length=MAX_LENGTH, **options))
-            cache[key] = (folder, manifest, spec)
-        return cache[key]
+        spec = ORT_SPECS[name]
+        if spec.kv_heads is not None and family == "phi3":
+            spec = AttentionSpec(**{**spec.to_dict(), "kv_heads": 2})
+        return *converted(f"tiny-{family}", spec, max_length=MAX_LENGTH, **options), spec
 
     return get
 
@@ -79,20 +73,20 @@ def _compare(folder, decoder, prompt: list[int], steps: int) -> tuple[float, lis
 
 
 @pytest.mark.parametrize(("family", "name"), CASES)
-def test_ort_lowering_matches_pytorch(converted, family, name):
-    folder, manifest, spec = converted(family, name)
+def test_ort_lowering_matches_pytorch(case, family, name):
+    folder, manifest, spec = case(family, name)
     decoder = _rewritten_decoder(family, spec)
     prompt = list(range(40, 60))
     worst, torch_tokens, ort_tokens = _compare(folder, decoder, prompt, DECODE_STEPS)
     assert worst < ONNX_VS_TORCH
     assert torch_tokens == ort_tokens
-    assert manifest["lowering"]["per_layer"] == ["ort", "ort"]
-    assert manifest["op_histogram"]["com.microsoft.GroupQueryAttention"] == 2
-    assert "Softmax" not in manifest["op_histogram"]
+    assert manifest.lowering.per_layer == ["ort", "ort"]
+    assert manifest.op_histogram["com.microsoft.GroupQueryAttention"] == 2
+    assert "Softmax" not in manifest.op_histogram
 
 
-def test_batched_prefill_and_decode(converted):
-    folder, _, spec = converted("llama", "identity")
+def test_batched_prefill_and_decode(case):
+    folder, _, spec = case("llama", "identity")
     decoder = _rewritten_decoder("llama", spec)
     ids = torch.randint(0, 256, (3, 10))
     lm = EdgeLM.load(folder)
@@ -104,18 +98,18 @@ def test_batched_prefill_and_decode(converted):
             assert np.abs(lm.forward(chunk.numpy()) - expected).max() < ONNX_VS_TORCH
 
 
-def test_window_generates_past_its_capacity_in_constant_memory(converted):
-    folder, manifest, spec = converted("llama", "window")
-    assert manifest["kv_cache"]["capacity"] == 12 and manifest["kv_cache"]["ring"]
+def test_window_generates_past_its_capacity_in_constant_memory(case):
+    folder, manifest, spec = case("llama", "window")
+    assert manifest.kv_cache.capacity == 12 and manifest.kv_cache.ring
     decoder = _rewritten_decoder("llama", spec)
     worst, torch_tokens, ort_tokens = _compare(folder, decoder, list(range(30)), 50)  # 80 tokens > 12 slots
     assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
 
 
-def test_full_cache_stops_with_a_clear_error(converted):
+def test_full_cache_stops_with_a_clear_error(case):
     from edgeattn.runtimes import ContextFullError
 
-    folder, _, _ = converted("llama", "identity")
+    folder, _, _ = case("llama", "identity")
     lm = EdgeLM.load(folder)
     lm.reset(1)
     lm.forward(np.zeros((1, MAX_LENGTH), dtype=np.int64))
@@ -123,10 +117,10 @@ def test_full_cache_stops_with_a_clear_error(converted):
         lm.forward(np.zeros((1, 1), dtype=np.int64))
 
 
-def test_graph_has_one_fused_node_per_layer_and_fused_norms(converted):
+def test_graph_has_one_fused_node_per_layer_and_fused_norms(case):
     import onnx
 
-    folder, manifest, _ = converted("llama", "identity")
+    folder, manifest, _ = case("llama", "identity")
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     histogram = op_histogram(model)
     assert histogram["com.microsoft.GroupQueryAttention"] == 2
@@ -134,20 +128,20 @@ def test_graph_has_one_fused_node_per_layer_and_fused_norms(converted):
     assert histogram.get("RMSNormalization") == 1
     assert histogram.get("com.microsoft.SkipSimplifiedLayerNormalization") == 4
     assert "Add" not in histogram and "Softmax" not in histogram
-    assert manifest["lowering"]["norm_fusion"] == "skip"
+    assert manifest.lowering.norm_fusion == "skip"
     skip_nodes = [node for node in model.graph.node if node.op_type == "SkipSimplifiedLayerNormalization"]
     assert all(list(node.output)[1:3] == ["", ""] for node in skip_nodes)  # mean, inv_std_var never computed
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases, packed with the weights
-def test_qkv_leave_as_one_matmul_into_the_attention_op(converted, family):
+def test_qkv_leave_as_one_matmul_into_the_attention_op(case, family):
     import onnx
     from onnx import numpy_helper
 
-    folder, manifest, _ = converted(family, "identity")
+    folder, manifest, _ = case(family, "identity")
     model = onnx.load(str(folder / "model.onnx"))
-    sizes = manifest["model"]
-    hidden, packed = sizes["hidden_size"], (sizes["num_heads"] + 2 * sizes["num_kv_heads"]) * sizes["head_dim"]
+    sizes = manifest.model
+    hidden, packed = sizes.hidden_size, (sizes.num_heads + 2 * sizes.num_kv_heads) * sizes.head_dim
     initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     producers = {output: node for node in model.graph.node for output in node.output}
     attention = [node for node in model.graph.node if node.op_type == "GroupQueryAttention"]
@@ -163,13 +157,13 @@ def test_qkv_leave_as_one_matmul_into_the_attention_op(converted, family):
     consumed = {name for node in model.graph.node for name in node.input}
     assert set(initializers) <= consumed
     matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
-    assert matmuls == 5 * sizes["num_layers"] + 1  # qkv, o, gate, up, down per layer; the LM head
+    assert matmuls == 5 * sizes.num_layers + 1  # qkv, o, gate, up, down per layer; the LM head
 
 
 @pytest.mark.parametrize("weights", ["fp16", "int8", "int4"])
-def test_weight_precisions(converted, weights):
-    folder, manifest, _ = converted("llama", "identity", weights=weights)
-    histogram = manifest["op_histogram"]
+def test_weight_precisions(case, weights):
+    folder, manifest, _ = case("llama", "identity", weights=weights)
+    histogram = manifest.op_histogram
     if weights == "fp16":
         assert histogram.get("Cast", 0) >= 10
     else:
@@ -178,7 +172,7 @@ def test_weight_precisions(converted, weights):
         assert histogram["com.microsoft.MatMulNBits"] == 2 * 5 + 1
         assert "MatMul" not in histogram and "Gather" not in histogram
         assert histogram["com.microsoft.GatherBlockQuantized"] == 1
-    numerics = manifest["numerics"]
+    numerics = manifest.numerics
     assert numerics["passed"]
     # the export is checked before quantization, to float rounding; the weights apart, by validate's bounds
     assert numerics["export"]["max_abs_logit_error"] <= 1e-3
@@ -186,11 +180,11 @@ def test_weight_precisions(converted, weights):
 
 
 @pytest.mark.parametrize(("weights", "code_bytes"), [("int4", 256 * 64 // 2), ("int8", 256 * 64)])
-def test_tied_embedding_and_lm_head_share_one_quantized_table(converted, weights, code_bytes):
+def test_tied_embedding_and_lm_head_share_one_quantized_table(case, weights, code_bytes):
     """tiny-llama ties its 256 x 64 embedding to the LM head: one table of codes, read by both ops."""
     import onnx
 
-    folder, _, _ = converted("llama", "identity", weights=weights)
+    folder, _, _ = case("llama", "identity", weights=weights)
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     head = next(node for node in model.graph.node if node.op_type == "MatMulNBits"
                 and any(a.name == "N" and a.i == 256 for a in node.attribute))
@@ -219,7 +213,7 @@ def test_learned_positions_are_refused_by_the_ort_lowering(tmp_path):
 def test_smollm2_ort_fp32_generates_the_pytorch_greedy_tokens(tmp_path, smollm2):
     folder = tmp_path / "smollm2"
     manifest = convert(ConvertOptions("smollm2", folder, max_length=256))
-    assert manifest["numerics"]["passed"]
+    assert manifest.numerics["passed"]
     decoder = copy.deepcopy(smollm2.decoder)
     prompt = smollm2.encode("The capital of France is")
     lm = EdgeLM.load(folder, threads=2)
@@ -237,11 +231,11 @@ def test_smollm2_ort_fp32_generates_the_pytorch_greedy_tokens(tmp_path, smollm2)
 
 
 @pytest.mark.parametrize("name", ["identity", "window", "kv-int8"])
-def test_onnxruntime_genai_runs_the_folder_with_the_same_greedy_tokens(converted, name):
+def test_onnxruntime_genai_runs_the_folder_with_the_same_greedy_tokens(case, name):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     from edgeattn.runtimes.generate import stream
 
-    folder, _, _ = converted("llama", name)
+    folder, _, _ = case("llama", name)
     prompt = list(range(40, 60))
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)

@@ -15,7 +15,6 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from edgeattn.convert import ConvertOptions, convert
 from edgeattn.evaluation.calibration import default_evaluation_text
 from edgeattn.exporters.tokenizer_config import (
     BYTE_LEVEL_BPE,
@@ -38,11 +37,10 @@ CONFIG_KEYS = {"tokenizer_class", "bos_token", "eos_token", "unk_token", "pad_to
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(converted):
     """tiny-llama converted with the ort lowering: a folder onnxruntime-genai runs (genai_config.json)."""
-    out = tmp_path_factory.mktemp("genai") / "tiny-llama"
-    manifest = convert(ConvertOptions("tiny-llama", out, max_length=MAX_LENGTH))
-    assert manifest["lowering"]["chosen"] == "ort"
+    out, manifest = converted("tiny-llama", max_length=MAX_LENGTH)
+    assert manifest.lowering.chosen == "ort"
     return out
 
 

@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -68,7 +69,7 @@ def _write_gguf(path, tensors: dict[str, tuple[np.ndarray, str]]) -> None:
     writer.close()
 
 
-def _weight_model(weight_RK: np.ndarray, op: str) -> onnx.ModelProto:
+def _weight_model(weight_RK: np.ndarray, op: str) -> ir.Model:
     """y = x @ weight^T (MatMul on the [K, R] layout the exporter writes) or y = weight[ids] (Gather)."""
     rows, length = weight_RK.shape
     if op == "MatMul":
@@ -80,11 +81,13 @@ def _weight_model(weight_RK: np.ndarray, op: str) -> onnx.ModelProto:
         init = numpy_helper.from_array(weight_RK, "W")
         inputs = [helper.make_tensor_value_info("x", TensorProto.INT64, [None])]
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [init])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                                  helper.make_opsetid("com.microsoft", 1)]))
 
 
-def _run_dequantized(model: onnx.ModelProto, rows: int, length: int, op: str, accuracy_level: int | None = None):
+def _run_dequantized(model: ir.Model, rows: int, length: int, op: str, accuracy_level: int | None = None):
     """The weight [R, K] the graph computes with: identity input (MatMul) or every row id (Gather)."""
+    model = ir.to_proto(model)
     if accuracy_level is not None:
         for node in model.graph.node:
             if node.op_type == "MatMulNBits":
@@ -138,12 +141,13 @@ def test_a_gguf_tensor_written_into_onnxruntime_dequantizes_to_gguf_floats(tmp_p
     (record,) = report.records
     bits = 4 if weights == "int4" or (weights == "source" and gguf_blocks.SUPPORTED[type_name][0] == 4) else 8
     assert record["path"] == "carried" and record["bits"] == bits and record["kind"] == "ffn_up"
-    assert {node.op_type for node in model.graph.node} >= {"MatMulNBits" if op == "MatMul" else "GatherBlockQuantized"}
-    assert not any(init.name == "W" for init in model.graph.initializer)  # the float copy left the model
+    assert {node.op_type for node in model.graph} >= {"MatMulNBits" if op == "MatMul" else "GatherBlockQuantized"}
+    assert "W" not in model.graph.initializers  # the float copy left the model
     exact = _run_dequantized(model, rows, length, op, accuracy_level=0)
     np.testing.assert_array_equal(exact, expected)
     if op == "MatMul":  # the shipped accuracy level 4 rounds the (identity) activations to int8 per block
-        np.testing.assert_allclose(_run_dequantized(model, rows, length, op), expected, rtol=0, atol=1e-6)
+        scale = np.abs(expected).max()  # measured: within 1.2e-6 of the largest weight, every type
+        np.testing.assert_allclose(_run_dequantized(model, rows, length, op), expected, rtol=0, atol=2e-6 * scale)
 
 
 def test_rows_permuted_and_packed_from_several_tensors_are_carried(tmp_path):
@@ -168,7 +172,7 @@ def test_a_wider_type_than_requested_is_left_to_the_quantizer(tmp_path, weights,
     model = _weight_model(dequantize(raw, GGMLQuantizationType.Q8_0).reshape(16, 64), "MatMul")
     (record,) = carry_gguf_blocks(model, tmp_path / "t.gguf", weights).records
     assert record["path"] == "fallback" and record["reason"] == reason
-    assert [node.op_type for node in model.graph.node] == ["MatMul"]
+    assert [node.op_type for node in model.graph] == ["MatMul"]
 
 
 def test_a_rewritten_weight_is_not_carried(tmp_path):
@@ -179,7 +183,7 @@ def test_a_rewritten_weight_is_not_carried(tmp_path):
     model = _weight_model(weight, "MatMul")
     (record,) = carry_gguf_blocks(model, tmp_path / "t.gguf", "int4").records
     assert record["path"] == "fallback" and record["reason"] == "1 of 16 rows are no GGUF tensor's rows (rewritten)"
-    assert [node.op_type for node in model.graph.node] == ["MatMul"]
+    assert [node.op_type for node in model.graph] == ["MatMul"]
 
 
 # -- a whole model: tiny-llama written to a GGUF, converted -------------------------------------
@@ -284,14 +288,14 @@ def test_tiny_llama_from_a_gguf_matches_pytorch_on_the_dequantized_weights(tiny_
     folder = tmp_path / "out"
     manifest = convert(ConvertOptions(str(tiny_gguf), folder, weights=weights, attention_op=attention_op,
                                       max_length=64))
-    gguf = manifest["weights"]["gguf"]
+    gguf = manifest.weights.gguf
     assert gguf["paths"] == {"carried": len(gguf["weights"])}  # every weight, the tied head/embedding included
-    assert manifest["weights"]["dtype"] == ("int4" if weights == "source" else "int8")
-    histogram = manifest["op_histogram"]
+    assert manifest.weights.dtype == ("int4" if weights == "source" else "int8")
+    histogram = manifest.op_histogram
     assert histogram["com.microsoft.GatherBlockQuantized"] == 1 and "Gather" not in histogram
     decoder = load(str(tiny_gguf)).decoder  # what transformers dequantized
     assert _max_logit_error(_fp32_activations(folder, tmp_path), decoder) <= FP32_ROUNDING
-    assert manifest["numerics"]["weights"]["kl_mean"] < 1e-3  # int8 activations (accuracy level 4) only
+    assert manifest.numerics["weights"]["kl_mean"] < 1e-3  # int8 activations (accuracy level 4) only
 
 
 @pytest.mark.parametrize(("gqa_method", "rewritten"), [("mean", 4), ("calibrated", 8)])
@@ -299,14 +303,14 @@ def test_tiny_llama_mqa_carries_what_the_rewrite_left_unchanged(tiny_gguf, tmp_p
     """Mean-merged MQA rewrites k and v; the calibrated fit also refits q and o (RoPE-consistent keys, W_o)."""
     manifest = convert(ConvertOptions(str(tiny_gguf), tmp_path / "out", AttentionSpec(kv_heads=1, gqa_method=gqa_method),
                                       weights="int4", attention_op="edgeattn", max_length=64))
-    kinds = manifest["weights"]["gguf"]["kinds"]
+    kinds = manifest.weights.gguf["kinds"]
     kept = ("attn_q", "attn_output", "ffn_gate", "ffn_up", "ffn_down") if gqa_method == "mean" else ("ffn_gate", "ffn_up",
                                                                                                     "ffn_down")
     for kind in kept:
         assert kinds[kind]["paths"] == {"carried": 2}, kind
     assert kinds["not in the GGUF"]["paths"] == {"requantized": rewritten}  # both layers
     assert kinds["token_embd"]["paths"] == {"requantized": 2}  # Q8_0 at 4 bits: the quantizer's codes, shared
-    assert manifest["numerics"]["passed"]
+    assert manifest.numerics["passed"]
 
 
 def test_weights_source_needs_a_gguf(tmp_path):
@@ -339,7 +343,7 @@ def test_smollm2_from_its_gguf_stays_close_to_the_dequantized_model(tmp_path):
     text = wikitext_or_skip("test")
     folder = tmp_path / "out"
     manifest = convert(ConvertOptions("smollm2", folder, weights="source"))
-    assert manifest["weights"]["gguf"]["paths"] == {"carried": 152}, json.dumps(manifest["weights"]["gguf"]["kinds"])
+    assert manifest.weights.gguf["paths"] == {"carried": 152}, json.dumps(manifest.weights.gguf["kinds"])
     report = validate(ValidateOptions(folder, text=text, prompts=2, prefill=1, steps=511, greedy_tokens=8))
     (export,) = [c for c in report["comparisons"] if c["name"] == "export:cpu"]
     metrics = export["metrics"]

@@ -18,7 +18,6 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer, models
 
 from edgeattn.cli import main
-from edgeattn.convert import ConvertOptions, convert
 from edgeattn.models import load_hf
 from edgeattn.runtimes.manifest import MANIFEST_NAME, SCHEMA_PATH
 from edgeattn.runtimes.schema_check import first_problem
@@ -72,10 +71,8 @@ def hf_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hostile") / "tiny"
-    convert(ConvertOptions("tiny-llama", out, max_length=64))
-    return out
+def folder(converted) -> Path:
+    return converted("tiny-llama", max_length=64)[0]
 
 
 def _copy(source: Path, tmp_path: Path, name: str = "copy") -> Path:

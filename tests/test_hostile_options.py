@@ -6,6 +6,7 @@ Checks that happen before loading are proven by making every model loader fail t
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -37,12 +38,8 @@ def one_line_exit_2(result, *needles: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    from edgeattn.convert import ConvertOptions, convert
-
-    out = tmp_path_factory.mktemp("hostile") / "tiny"
-    convert(ConvertOptions("tiny-llama", out, max_length=CAPACITY))
-    return out
+def folder(converted) -> Path:
+    return converted("tiny-llama", max_length=CAPACITY)[0]
 
 
 @pytest.fixture
@@ -280,7 +277,7 @@ def test_convert_api_refuses_unknown_choices_before_loading(never_loads, tmp_pat
     from edgeattn.convert import ConvertOptions, convert
     from edgeattn.errors import EdgeattnError
 
-    for bad in ({"weights": "int3"}, {"attention_op": "fast"}, {"provider": "tpu"}, {"block_size": 7}):
+    for bad in ({"weights": "int3"}, {"attention_op": "fast"}, {"provider": "tpu"}, {"weights_block_size": 7}):
         with pytest.raises(EdgeattnError):
             convert(ConvertOptions("tiny-llama", tmp_path / "out", **bad))
 
@@ -376,7 +373,7 @@ def test_every_stop_has_a_reason(folder):
     lm = EdgeLM.load(folder)
     assert generate(lm, "hello", 3).to_dict()["stop"] == "max_new_tokens"
     first = generate(lm, "hello", 3).tokens[0]
-    lm.manifest["model"]["eos_token_ids"] = [first]
+    lm.manifest = dataclasses.replace(lm.manifest, model=dataclasses.replace(lm.manifest.model, eos_token_ids=[first]))
     stopped = generate(lm, "hello", 3)
     assert stopped.to_dict()["stop"] == "eos" and stopped.tokens == []
 

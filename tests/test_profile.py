@@ -35,11 +35,14 @@ QUICK = dict(threads=1, contexts=(16, 32), prompt_lengths=(8,), repeats=3, warmu
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> tuple[Path, Path]:
+def folders(converted, tmp_path_factory) -> tuple[Path, Path]:
+    """The session's tiny-llama folders, full cache and ring, as links named full and ring (the report names a
+    model by its folder)."""
     root = tmp_path_factory.mktemp("profile")
     full, ring = root / "full", root / "ring"
-    convert(ConvertOptions("tiny-llama", full, max_length=MAX_LENGTH))
-    convert(ConvertOptions("tiny-llama", ring, spec=AttentionSpec(window=WINDOW), max_length=MAX_LENGTH))
+    full.symlink_to(converted("tiny-llama", max_length=MAX_LENGTH)[0], target_is_directory=True)
+    ring.symlink_to(converted("tiny-llama", AttentionSpec(window=WINDOW), max_length=MAX_LENGTH)[0],
+                    target_is_directory=True)
     return full, ring
 
 

@@ -129,8 +129,8 @@ TOML_SCALAR = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.intege
                         st.sampled_from(["int4", "int3", "fp32", "ort", "auto", "cpu", "tpu", "mean", "per-token"]))
 TOML_VALUE = st.recursive(TOML_SCALAR, lambda inner: st.lists(inner, max_size=3)
                           | st.dictionaries(NAME, inner, max_size=2), max_leaves=4)
-RECIPE_KEYS = sorted({*SPEC_VALUES, "weights", "block_size", "attention_op", "max_length", "provider",
-                      "calibration_text", "max_kl", "min_top1", "max_ppl_delta", "steps", "prompts", "text"})
+RECIPE_KEYS = sorted({*SPEC_VALUES, "weights", "weights_block_size", "block_size", "attention_op", "max_length",
+                      "provider", "calibration_text", "max_kl", "min_top1", "max_ppl_delta", "steps", "prompts", "text"})
 RECIPES = st.dictionaries(
     st.one_of(st.sampled_from(["spec", "convert", "validate"]), NAME),
     st.one_of(st.dictionaries(st.one_of(st.sampled_from(RECIPE_KEYS), NAME), TOML_VALUE, max_size=4), TOML_SCALAR),
@@ -327,13 +327,9 @@ def test_profile_options(world, drawn):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """One tiny folder, converted once for this module (a cache of 32 tokens)."""
-    from edgeattn.convert import ConvertOptions, convert
-
-    out = tmp_path_factory.mktemp("properties-folder") / "tiny"
-    convert(ConvertOptions("tiny-llama", out, max_length=32))
-    return out
+def tiny(converted) -> Path:
+    """One tiny folder (a cache of 32 tokens), converted once per session."""
+    return converted("tiny-llama", max_length=32)[0]
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +421,7 @@ def _manifest_of(folder: Path) -> dict:
 def test_the_undamaged_copy_loads(damaged_copy):
     from edgeattn.runtimes.session import EdgeLM
 
-    assert EdgeLM.load(damaged_copy).manifest["model"]["vocab_size"] > 0  # the baseline the mutations depart from
+    assert EdgeLM.load(damaged_copy).manifest.model.vocab_size > 0  # the baseline the mutations depart from
 
 
 @pytest.fixture(scope="module")
@@ -518,11 +514,12 @@ def golden_arrays(tiny) -> dict:
 @given(st.data())
 def test_any_damaged_golden_file_is_read_or_refused_in_one_error(damaged_copy, unhashed_manifest, golden_arrays, data):
     from edgeattn.runtimes.golden import read_golden
+    from edgeattn.runtimes.manifest import Manifest
 
     (damaged_copy / "edgeattn.json").write_text(json.dumps(unhashed_manifest))
     np.savez(damaged_copy / "golden.npz", **data.draw(golden_damage(golden_arrays)))
     try:
-        read_golden(damaged_copy, unhashed_manifest)
+        read_golden(damaged_copy, Manifest.from_dict(unhashed_manifest))
     except EdgeattnError:
         pass
 
@@ -531,11 +528,12 @@ def test_any_damaged_golden_file_is_read_or_refused_in_one_error(damaged_copy, u
 @given(st.binary(max_size=400))
 def test_any_bytes_as_a_golden_file_are_refused_in_one_error(damaged_copy, unhashed_manifest, raw):
     from edgeattn.runtimes.golden import read_golden
+    from edgeattn.runtimes.manifest import Manifest
 
     (damaged_copy / "edgeattn.json").write_text(json.dumps(unhashed_manifest))
     (damaged_copy / "golden.npz").write_bytes(raw)
     with pytest.raises(EdgeattnError):
-        read_golden(damaged_copy, unhashed_manifest)
+        read_golden(damaged_copy, Manifest.from_dict(unhashed_manifest))
 
 
 @settings(max_examples=25)

@@ -210,6 +210,36 @@ def test_reference_hierarchical_by_hand():
     assert out[0, 5, 1].item() > 0.0  # block 2 kept when top_blocks covers it
 
 
+# A second query head reading the same kv head, q = (-1, 2):
+#   block 0: max(-0,-1) + max(0, 2) = 0 + 2 = 2
+#   block 1: max(1,-2)  + max(-2, 0) = 1 + 0 = 1
+#   block 2: max(0, 0)  + max(4, 6)  = 0 + 6 = 6
+# Ranking per query head: A (HAND_QUERY) block 1 > 0 > 2, B block 2 > 0 > 1. Shared by their kv head
+# (the larger bound of the two): block 0: 2, block 1: 3, block 2: 6 -> block 2 > 1 > 0.
+HAND_QUERY_B = torch.tensor([-1.0, 2.0])
+
+
+@pytest.mark.parametrize("select, top_blocks, query, kept_a, kept_b", [
+    ("query-head", 1, 5, [1], [2]), ("kv-head", 1, 5, [2], [2]),
+    ("query-head", 1, 3, [1], [0]), ("kv-head", 1, 3, [1], [1]),
+    ("query-head", 2, 5, [0, 1], [0, 2]), ("kv-head", 2, 5, [1, 2], [1, 2]),
+])
+def test_hierarchical_kv_head_selection_by_hand(select, top_blocks, query, kept_a, kept_b):
+    positions = torch.arange(6)
+    q = torch.stack([HAND_QUERY.expand(6, 2), HAND_QUERY_B.expand(6, 2)])[None]  # [1, 2 heads, 6, 2]
+    k = HAND_KEYS[None, None]  # one kv head
+    mask = HierarchicalVisibility(2, top_blocks, 0, select=select).mask(positions, positions, q, k)
+    assert mask[0, 0, query].int().tolist() == _blocks_to_keys(kept_a, 6)
+    assert mask[0, 1, query].int().tolist() == _blocks_to_keys(kept_b, 6)
+    # The oracle keeps the same blocks. Values: block 0 reads (1, 0), block 2 (0, 1), block 1 (0, 0), so
+    # head B's output shows which blocks it attended: channel 0 > 0, channel 1 > 0, their sum < 1.
+    v = torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 0.0]] * 2 + [[0.0, 1.0]] * 2)[None]
+    out = reference_attention(q[0], HAND_KEYS[None], v, block_size=2, top_blocks=top_blocks, local_window=0,
+                              block_select=select)[1, query]
+    seen = {0: out[0] > 0, 1: out.sum() < 1 - 1e-6, 2: out[1] > 0}
+    assert sorted(block for block, attended in seen.items() if attended) == kept_b
+
+
 # --- KV codecs ----------------------------------------------------------------------------
 
 # int4 per-channel: absmax 3.5 -> scale 3.5 / 7 = 0.5 (exact); codes clamp to [-8, 7].

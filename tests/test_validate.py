@@ -22,7 +22,7 @@ from edgeattn.evaluation.calibration import calibration_ids, default_calibration
 from edgeattn.models import load
 from edgeattn.rewrites import rewrite
 from edgeattn.runtimes.golden import provider_comparisons, read_golden
-from edgeattn.runtimes.manifest import file_hashes
+from edgeattn.runtimes.manifest import file_hashes, read_manifest
 from edgeattn.runtimes.thresholds import default_bounds
 from edgeattn.spec import AttentionSpec
 
@@ -36,17 +36,13 @@ def run(*args: str):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("validate") / "tiny"
-    convert(ConvertOptions("tiny-llama", out, SPEC, max_length=64))
-    return out
+def folder(converted) -> Path:
+    return converted("tiny-llama", SPEC, max_length=64)[0]
 
 
 @pytest.fixture(scope="module")
-def window_folder(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("validate-window") / "tiny"
-    convert(ConvertOptions("tiny-llama", out, AttentionSpec(window=12), max_length=96))
-    return out
+def window_folder(converted) -> Path:
+    return converted("tiny-llama", AttentionSpec(window=12), max_length=96)[0]
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
@@ -84,9 +80,9 @@ def test_help_has_examples_and_every_threshold_flag():
 
 
 def test_convert_writes_golden_and_the_calibration_record(folder):
-    manifest = json.loads((folder / "edgeattn.json").read_text())
-    assert manifest["files"]["golden"] == "golden.npz"
-    assert manifest["calibration"]["text"] == "packaged" and len(manifest["calibration"]["sha256"]) == 64
+    manifest = read_manifest(folder)
+    assert manifest.files.golden == "golden.npz"
+    assert manifest.calibration.text == "packaged" and len(manifest.calibration.sha256) == 64
     golden = read_golden(folder, manifest)
     # Independent reference: the tiny model rewritten here, one plain causal pass per prompt.
     model = load("tiny-llama")

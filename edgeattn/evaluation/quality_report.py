@@ -58,3 +58,28 @@ def quality_report(model_name: str, spec: AttentionSpec, *, text_path=None, cali
         "ppl_delta_relative": after.ppl / original.ppl - 1.0,
         "rewrites": summarize(changes),
     }
+
+
+def render_text(report: dict) -> str:
+    """The report as the ``quality`` command prints it: what was scored, a table, the rewrites applied."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    with console.capture() as captured:
+        windows = f"{report['windows']} window{'s' * (report['windows'] > 1)}"
+        console.print(f"{report['model']}: {windows} of {report['context']} tokens of the {report['text']} "
+                      f"({report['tokens']} scored)", soft_wrap=True)
+        for note in report["notes"]:
+            console.print(f"note: {note}")
+        table = Table()
+        for column in ("model", "ppl", "delta", "KV bytes/token"):
+            table.add_column(column, justify="right" if column != "model" else "left")
+        original, rewritten = report["original"], report["rewritten"]
+        table.add_row("original", f"{original['ppl']:.3f}", "", str(original["kv_bytes_per_token"]))
+        table.add_row("rewritten", f"{rewritten['ppl']:.3f}", f"{100 * report['ppl_delta_relative']:+.2f}%",
+                      str(rewritten["kv_bytes_per_token"]))
+        console.print(table)
+        for line in report["rewrites"]:
+            console.print(f"  {line}")
+    return captured.get()

@@ -49,7 +49,7 @@ from edgeattn.runtimes.golden import (
     run_runtime,
     write_golden,
 )
-from edgeattn.runtimes.manifest import read_manifest
+from edgeattn.runtimes.manifest import CalibrationInfo, Manifest, read_manifest
 from edgeattn.runtimes.metrics import compare_greedy, compare_logits, sqnr_from_energies
 from edgeattn.runtimes.thresholds import default_bounds, faithfulness_precision, user_bounds
 from edgeattn.runtimes.validation_report import build_report, comparison
@@ -93,10 +93,10 @@ def validate(options: ValidateOptions, progress: Progress = lambda step, done=No
     started = time.perf_counter()
     manifest = read_manifest(options.folder)
     check_room(manifest, options.prefill, options.steps, options.greedy_tokens)
-    spec = AttentionSpec.from_dict(manifest["spec"])
+    spec = AttentionSpec.from_dict(manifest.spec)
     calibration = _calibration_text(manifest, spec, options.calibration_text)
     lms = load_providers(options.folder, options.providers, options.threads)
-    progress(f"loading {options.reference or manifest['source']['model']}")
+    progress(f"loading {options.reference or manifest.source.model}")
     original = _load_reference(manifest, options.reference)
     ids_PT = _text_ids(original.tokenizer, options)
     progress("rebuilding the rewritten model")
@@ -107,7 +107,7 @@ def validate(options: ValidateOptions, progress: Progress = lambda step, done=No
 
     with torch.no_grad(), _SqnrProbes(rewritten) as probes:
         rewritten_rows = _teacher_forced(rewritten, ids_PT, options.prefill, "running the rewritten PyTorch model")
-    kv_sqnr = probes.metrics() if manifest["kv_cache"]["codec"] != "fp32" else {}
+    kv_sqnr = probes.metrics() if manifest.kv_cache.codec != "fp32" else {}
     with torch.no_grad():
         original_rows = _teacher_forced(original.decoder, ids_PT, options.prefill, "running the original PyTorch model")
 
@@ -140,15 +140,15 @@ def validate(options: ValidateOptions, progress: Progress = lambda step, done=No
 
 # -- what convert records ------------------------------------------------------------------
 
-def calibration_record(path: Path | None) -> dict:
+def calibration_record(path: Path | None) -> CalibrationInfo:
     """The manifest's ``calibration``: which text calibrated the rewrite, so validate can rebuild it.
 
     A user's text is recorded by file name and sha256, never by its path: a shipped folder must not
     reveal where it was built, and validate asks for the text again (``--calibration-text``).
     """
     text = read_text(path)
-    return {"text": PACKAGED if path is None else Path(path).name, "sha256": _sha256(text),
-            "max_tokens": DEFAULT_CALIBRATION_TOKENS}
+    return CalibrationInfo(text=PACKAGED if path is None else Path(path).name, sha256=_sha256(text),
+                           max_tokens=DEFAULT_CALIBRATION_TOKENS)
 
 
 def write_convert_golden(folder: Path, decoder, tokenizer, max_length: int) -> str:
@@ -238,11 +238,11 @@ class _SqnrProbe(nn.Module):
 
 # -- inputs ---------------------------------------------------------------------------------
 
-def _load_reference(manifest: dict, reference: str | None):
+def _load_reference(manifest: Manifest, reference: str | None):
     """The original model; its weights must be the ones convert read (when the manifest has their hash)."""
-    name = reference or manifest["source"]["model"]
+    name = reference or manifest.source.model
     model = load(name)
-    recorded = manifest["source"].get("weights_sha256")
+    recorded = manifest.source.weights_sha256
     if recorded and model.weights_sha256 != recorded:
         raise ValidateError(f"reference {name} is not the model this folder was converted from "
                             f"(weights sha256 {str(model.weights_sha256)[:12]}, manifest {recorded[:12]})")
@@ -255,24 +255,24 @@ def _needs_calibration(spec: AttentionSpec) -> bool:
     return gqa or kv_scales
 
 
-def _calibration_text(manifest: dict, spec: AttentionSpec, override: Path | None) -> Path | None:
+def _calibration_text(manifest: Manifest, spec: AttentionSpec, override: Path | None) -> Path | None:
     """The calibration text convert used (None: the packaged one), refused when missing or not the same text.
 
     The manifest names a user's text by file name and sha256 only, so that text must be given again.
     """
     if not _needs_calibration(spec):
         return override
-    record = manifest.get("calibration")
+    record = manifest.calibration
     if not record:
         if override is not None:
             return override
         raise ValidateError("the manifest does not record which calibration text convert used "
                             "(converted by an older edgeattn); pass --calibration-text FILE")
-    used = "the packaged text" if record["text"] == PACKAGED else f"{record['text']} (sha256 {record['sha256'][:12]})"
-    if override is None and record["text"] != PACKAGED:
+    used = "the packaged text" if record.text == PACKAGED else f"{record.text} (sha256 {record.sha256[:12]})"
+    if override is None and record.text != PACKAGED:
         raise ValidateError(f"convert calibrated on {used}, which is not available here: "
                             "pass that file with --calibration-text FILE")
-    if _sha256(read_text(override)) != record["sha256"]:
+    if _sha256(read_text(override)) != record.sha256:
         if override is None:
             raise ValidateError("the packaged calibration text changed since convert (sha256 differs from the "
                                 "manifest's); pass --calibration-text FILE with the text convert used")
@@ -281,10 +281,10 @@ def _calibration_text(manifest: dict, spec: AttentionSpec, override: Path | None
     return override
 
 
-def _check_rebuild(folder: Path, manifest: dict, rewritten) -> dict | None:
+def _check_rebuild(folder: Path, manifest: Manifest, rewritten) -> dict | None:
     """The rebuilt model against golden.npz (written from the exported one): it must be as close as a
     faithful fp32 export would be. None when the folder has no golden file."""
-    if not manifest.get("files", {}).get("golden"):
+    if not manifest.files.golden:
         return None
     golden = read_golden(folder, manifest)
     with torch.no_grad():

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 
 from edgeattn.errors import EdgeattnError
+from edgeattn.exporters.lowering_contract import AttentionLowering
 
 _STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
@@ -57,7 +58,7 @@ def check_graph(path: Path, fused_ops: list[str]) -> dict[str, int]:
     return histogram
 
 
-def fused_op_name(lowering) -> str:
+def fused_op_name(lowering: AttentionLowering) -> str:
     """How a lowering's fused node appears in the op histogram."""
     return f"{lowering.domain}.{lowering.op_type}" if lowering.domain else lowering.op_type
 

@@ -457,13 +457,14 @@ def QuantKVAttention(query, key, value, past_key, past_value, attention_mask, in
 
 
 @onnxscript.script(EDGEATTN, default_opset=op)
-def SelectedBlocks(q_rot, keys, q_pos, block_size: int, top_blocks: int, block_mass: float):
+def SelectedBlocks(q_rot, keys, q_pos, block_size: int, top_blocks: int, block_mass: float, shared: int):
     """Level 1 of hierarchical attention: the blocks each query head keeps, bool [B, Hkv, R, L, NB].
 
     Block summaries are per-channel min/max of each aligned block of ``block_size`` keys;
     a block's score is the upper bound sum_d max(q_d min_d, q_d max_d); only complete
     blocks (block end <= query position) compete. Keeps the best ``top_blocks``, or with
-    block_mass > 0 the fewest whose softmax(bound / sqrt(D)) mass reaches it (capped too).
+    block_mass > 0 the fewest whose softmax(bound / sqrt(D)) mass reaches it (capped too). ``shared`` = 1:
+    a kv head's query heads rank the blocks together, each block by the largest of their bounds.
     """
     size = op.Constant(value_int=block_size)
     total = op.Shape(keys, start=2, end=3)  # [1]
@@ -480,6 +481,8 @@ def SelectedBlocks(q_rot, keys, q_pos, block_size: int, top_blocks: int, block_m
                                      axis=0))  # [B, Hkv, R, L, D]
     zero = op.Constant(value_float=0.0)
     bound = op.MatMul(op.Max(q5, zero), key_max) + op.MatMul(op.Min(q5, zero), key_min)  # [B, Hkv, R, L, NB]
+    share = op.Cast(op.Constant(value_int=shared), to=BOOL.dtype)
+    bound = op.Where(share, op.ReduceMax(bound, [2], keepdims=1), bound)  # broadcast back over R
     count = op.Squeeze(blocks)
     block_end = (op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1)) + op.Constant(value_int=1)) \
         * size - op.Constant(value_int=1)
@@ -504,16 +507,17 @@ def SelectedBlocks(q_rot, keys, q_pos, block_size: int, top_blocks: int, block_m
 def HierarchicalAttention(query, key, value, past_key, past_value, attention_mask, inv_freq, k_scale, v_scale,
                           num_heads: int, kv_num_heads: int, scale: float, rotary_scaling: float,
                           block_size: int, top_blocks: int, local_window: int, sinks: int, block_mass: float,
-                          kv_cache: str, kv_quant: str):
+                          shared_blocks: int, kv_cache: str, kv_quant: str):
     """Two-level block-sparse attention over a full cache: selected blocks + sinks + local window.
 
-    block_mass = 0 means "top_blocks only" (the spec's block_mass is in (0, 1]).
+    block_mass = 0 means "top_blocks only" (the spec's block_mass is in (0, 1]); shared_blocks = 1: blocks are
+    chosen per kv head (``block_select`` kv-head), 0: per query head.
     """
     q_rot, keys, values, q_pos, k_pos, present_key, present_value = FullCacheStep(
         query, key, value, past_key, past_value, attention_mask, inv_freq, k_scale, v_scale,
         num_heads=num_heads, kv_num_heads=kv_num_heads, rotary_scaling=rotary_scaling)
     blocks = SelectedBlocks(q_rot, keys, q_pos, block_size=block_size, top_blocks=top_blocks,
-                            block_mass=block_mass)  # [B, Hkv, R, L, NB]
+                            block_mass=block_mass, shared=shared_blocks)  # [B, Hkv, R, L, NB]
     selected = op.Gather(blocks, op.Div(k_pos, op.Constant(value_int=block_size)), axis=-1)  # [B, Hkv, R, L, T]
     query_col = op.Unsqueeze(q_pos, [1])
     key_row = op.Unsqueeze(k_pos, [0])

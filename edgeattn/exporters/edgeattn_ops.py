@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import onnx
 import torch
-from torch import nn
 
 from edgeattn.exporters import edgeattn_functions
+from edgeattn.exporters.lowering_contract import AttentionLowering, CacheLayout, LoweringBase
 from edgeattn.models.attention import EdgeAttention
 from edgeattn.models.visibility import FullVisibility, HierarchicalVisibility, SinkWindowVisibility
 from edgeattn.spec import AttentionSpec
@@ -53,7 +53,7 @@ def lowering_for(attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> E
     raise TypeError(f"no edgeattn op for visibility {type(attn.visibility).__name__}")
 
 
-class EdgeattnLowering(nn.Module):
+class EdgeattnLowering(LoweringBase):
     """Shared by the three ops: projections, codec, RoPE frequencies, the node itself."""
 
     name = NAME
@@ -105,12 +105,11 @@ class EdgeattnLowering(nn.Module):
             return {"fp32": "float32", "fp16": "float16"}[self.kv_cache]
         return "int8" if self.kv_cache == "int8" and self.kv_quant == "per-channel" else "uint8"
 
-    def cache_layout(self) -> dict:
+    def cache_layout(self) -> CacheLayout:
         """How the runtime allocates past_key/past_value for this layer."""
         unlimited = self.ring and self.has_rotary  # positions are reassigned inside the ring
-        return {"capacity": self.capacity, "dtype": self.cache_dtype(),
-                "shape_tail": [self.kv_heads, self.capacity, self.row_width()],
-                "ring": self.ring, "max_positions": None if unlimited else self.max_length}
+        return CacheLayout(self.kv_heads, self.capacity, self.row_width(), self.cache_dtype(), ring=self.ring,
+                           max_positions=None if unlimited else self.max_length)
 
     def functions(self) -> list[onnx.FunctionProto]:
         """The FunctionProtos this layer's node needs (same for every layer of a model)."""
@@ -123,7 +122,7 @@ class EdgeattnLowering(nn.Module):
                 "rotary_scaling": float(self.rotary_scaling), "kv_cache": self.kv_cache, "kv_quant": self.kv_quant}
 
     def attend(self, attn: EdgeAttention, h: torch.Tensor, attention_mask: torch.Tensor,
-               past_key: torch.Tensor, past_value: torch.Tensor):
+               past_key: torch.Tensor, past_value: torch.Tensor, step: None):
         batch, length, _ = h.shape
         query, key, value = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [B, L, H*D], [B, L, Hkv*D] x2
         scales = (self.k_scale, self.v_scale) if self.scales else ()
@@ -175,11 +174,13 @@ class HierarchicalLowering(EdgeattnLowering):
         visibility = attn.visibility
         self.block_size, self.top_blocks = visibility.block_size, visibility.top_blocks
         self.local_window, self.sinks, self.block_mass = visibility.local_window, visibility.sinks, visibility.block_mass
+        self.shared_blocks = int(visibility.select == "kv-head")
 
     def attributes(self) -> dict:
         return {**super().attributes(), "block_size": self.block_size, "top_blocks": self.top_blocks,
                 "local_window": self.local_window, "sinks": self.sinks,
-                "block_mass": float(self.block_mass) if self.block_mass is not None else 0.0}  # 0: off
+                "block_mass": float(self.block_mass) if self.block_mass is not None else 0.0,  # 0: off
+                "shared_blocks": self.shared_blocks}
 
 
 _BY_VISIBILITY = (
@@ -189,7 +190,7 @@ _BY_VISIBILITY = (
 )
 
 
-def attach_functions(model: onnx.ModelProto, lowerings: list) -> int:
+def attach_functions(model: onnx.ModelProto, lowerings: list[AttentionLowering]) -> int:
     """Append the FunctionProtos the lowerings' nodes need to ``model``; returns how many were added.
 
     Idempotent (a function already in the model is kept). The bodies use the model's
@@ -199,12 +200,12 @@ def attach_functions(model: onnx.ModelProto, lowerings: list) -> int:
     model_opset = {entry.domain: entry.version for entry in model.opset_import}
     added = 0
     for lowering in lowerings:
-        for function in getattr(lowering, "functions", list)():
+        for function in lowering.functions():
             if (function.domain, function.name) in present:
                 continue
             function_opset = {entry.domain: entry.version for entry in function.opset_import}
-            inlined = getattr(lowering, "inline_functions", False)  # its nodes join the model's opset
-            if not inlined and function_opset.get("", model_opset.get("")) != model_opset.get(""):
+            # An inlined body's nodes join the model's opset; a kept one must import it.
+            if not lowering.inline_functions and function_opset.get("", model_opset.get("")) != model_opset.get(""):
                 raise ValueError(f"function {function.name} imports opset {function_opset['']}, "
                                  f"the model {model_opset.get('')}")
             model.functions.append(function)

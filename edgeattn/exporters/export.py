@@ -9,6 +9,7 @@ import torch
 
 from edgeattn.exporters.edgeattn_ops import attach_functions
 from edgeattn.exporters.graph import ExportGraph
+from edgeattn.exporters.lowering_contract import AttentionLowering
 from edgeattn.exporters.norms import choose_norm_fusion, drop_unused_skip_norm_outputs
 from edgeattn.exporters.onnx_ring_function import inline_all_functions
 
@@ -25,12 +26,12 @@ def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
             [PRESENT_NAME.format(layer=i, kind=kind) for i, kind in layers_kinds])
 
 
-def model_opset(lowerings: list) -> int:
+def model_opset(lowerings: list[AttentionLowering]) -> int:
     """The default-domain opset of the graph: the newest any layer's lowering needs."""
     return max(lowering.opset for lowering in lowerings)
 
 
-def export_graph(decoder, lowerings: list, path: Path, norm_fusion: str | None = None) -> onnx.ModelProto:
+def export_graph(decoder, lowerings: list[AttentionLowering], path: Path, norm_fusion: str | None = None) -> onnx.ModelProto:
     """Export ``decoder`` with one lowering per layer to ``path`` (+ ``path.data``); returns the proto.
 
     ``norm_fusion`` (``edgeattn.exporters.norms``) defaults to ``choose_norm_fusion``.
@@ -48,7 +49,7 @@ def export_graph(decoder, lowerings: list, path: Path, norm_fusion: str | None =
     sample_past = []
     for lowering in lowerings:
         layout = lowering.cache_layout()
-        tensor = torch.zeros((2, *layout["shape_tail"]), dtype=_TORCH_DTYPES[layout["dtype"]])
+        tensor = torch.zeros((2, *layout.shape_tail), dtype=_TORCH_DTYPES[layout.dtype])
         sample_past += [tensor, tensor.clone()]
     past_names, present_names = cache_names(len(lowerings))
     dynamic_shapes = ({0: batch, 1: length}, {0: batch, 1: total}, tuple({0: batch} for _ in sample_past))
@@ -64,7 +65,7 @@ def export_graph(decoder, lowerings: list, path: Path, norm_fusion: str | None =
     model = onnx.load(str(path), load_external_data=False)
     changed = drop_unused_skip_norm_outputs(model)
     if attach_functions(model, lowerings) or changed:
-        if any(getattr(lowering, "inline_functions", False) for lowering in lowerings):
+        if any(lowering.inline_functions for lowering in lowerings):
             model = inline_all_functions(model)
         onnx.save(model, str(path))  # the weights stay in path.data, which the proto still points to
     return model

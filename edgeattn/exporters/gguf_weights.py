@@ -13,6 +13,11 @@ record of each weight says which path it took and why.
 Types with a minimum per block (Q4_1 ...) add ``(x @ S) @ offsets^T`` to the MatMulNBits output,
 where ``x @ S`` sums x over each block of 32 (one small MatMul per distinct input, shared by the
 weights that read it): the same split llama.cpp's Q4_1 dot product makes.
+
+The graph is an ``onnx_ir`` model: a weight's node is replaced where it stands
+(``replace_nodes_and_values``), and a float weight leaves once no node reads it, a subgraph's
+included (``Value.uses``). A walk over the nodes rather than onnxscript rewrite rules: whether a
+weight matches depends on its bytes, and every weight, matched or not, is recorded.
 """
 
 from __future__ import annotations
@@ -23,12 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
 from edgeattn.exporters import gguf_blocks
 from edgeattn.exporters.gguf_blocks import BlockRows, NotExact
-from edgeattn.exporters.graph_names import names_read
+from edgeattn.exporters.graph_names import in_use, replace_node
 
 # MatMulNBits accuracy_level 4: int8 activations per block on CPU (as the quantizer path, and as llama.cpp
 # quantizes activations for its Q4/Q8 dot products); the packed kernel is used either way.
@@ -62,12 +66,12 @@ class CarryReport:
         }
 
 
-def carry_gguf_blocks(model: onnx.ModelProto, gguf_path: Path, weights: str) -> CarryReport:
+def carry_gguf_blocks(model: ir.Model, gguf_path: Path, weights: str) -> CarryReport:
     """Rewrite ``model`` in place: every constant MatMul weight / Gather table that is exactly a GGUF
     tensor's rows becomes MatMulNBits / GatherBlockQuantized on its blocks, at ``weights`` precision
     (``int4``: 4-bit codes only; ``int8``: every type at 8 bits; ``source``: 4 bits for Q4 types, else 8)."""
     rows = GgufRows(gguf_path)
-    return _GraphCarrier(model, rows, weights).run()
+    return _GraphCarrier(model.graph, rows, weights).run()
 
 
 def describe(summary: dict) -> str:
@@ -125,52 +129,47 @@ class GgufRows:
 
 @dataclass
 class _Weight:
-    node: onnx.NodeProto
+    node: ir.Node
     op: str  # "MatMul" | "Gather"
     values_RK: np.ndarray  # rows = output features (MatMul) or table rows (Gather)
-    initializer: str
+    initializer: ir.Value
 
 
 class _GraphCarrier:
-    def __init__(self, model: onnx.ModelProto, rows: GgufRows, weights: str) -> None:
-        self.model, self.rows, self.weights = model, rows, weights
-        self.graph = model.graph
-        self.initializers = {init.name: init for init in self.graph.initializer}
+    def __init__(self, graph: ir.Graph, rows: GgufRows, weights: str) -> None:
+        self.graph, self.rows, self.weights = graph, rows, weights
         self.report = CarryReport()
-        self.tables: dict[tuple, tuple[str, str, str | None, BlockRows, int]] = {}  # shared codes per source rows
-        self.block_sums: dict[tuple[str, int, int], str] = {}  # (input, K, block) -> x @ S
-        self.new_initializers: list[onnx.TensorProto] = []
-        self.replaced: set[str] = set()  # initializers of carried weights
+        self.tables: dict[tuple, tuple[ir.Value, ir.Value, ir.Value | None, BlockRows, int]] = {}  # per source rows
+        self.block_sums: dict[tuple[ir.Value, int, int], ir.Value] = {}  # (input, K, block) -> x @ S
+        self.replaced: dict[ir.Value, None] = {}  # initializers of carried weights, in order
 
     def run(self) -> CarryReport:
-        transposed = {node.output[0]: node.input[0] for node in self.graph.node
-                      if node.op_type == "Transpose" and node.input[0] in self.initializers
-                      and _attribute(node, "perm", [1, 0]) == [1, 0] and len(self.initializers[node.input[0]].dims) == 2}
-        nodes = []
-        for node in self.graph.node:
-            weight = self._weight(node, transposed)
-            nodes += self._carry(weight) if weight is not None else [node]
-        del self.graph.node[:]
-        self.graph.node.extend(nodes)
-        self.graph.initializer.extend(self.new_initializers)
-        _drop_unused(self.graph, self.replaced)
+        for node in list(self.graph):
+            weight = self._weight(node)
+            carried = self._carry(weight) if weight is not None else None
+            if carried is not None:
+                replace_node(node, *carried)
+        self._drop_unused()
         return self.report
 
-    def _weight(self, node: onnx.NodeProto, transposed: dict[str, str]) -> _Weight | None:
-        if node.op_type == "MatMul" and not node.domain:
-            name = node.input[1]
-            if name in self.initializers and len(self.initializers[name].dims) == 2:
-                return _Weight(node, "MatMul", numpy_helper.to_array(self.initializers[name]).T, name)
-            if name in transposed:
-                return _Weight(node, "MatMul", numpy_helper.to_array(self.initializers[transposed[name]]),
-                               transposed[name])
-        if (node.op_type == "Gather" and not node.domain and node.input[0] in self.initializers
-                and len(self.initializers[node.input[0]].dims) == 2 and _attribute(node, "axis", 0) == 0):
-            return _Weight(node, "Gather", numpy_helper.to_array(self.initializers[node.input[0]]), node.input[0])
+    def _weight(self, node: ir.Node) -> _Weight | None:
+        if node.domain:
+            return None
+        if node.op_type == "MatMul":
+            weight = node.inputs[1]
+            if _matrix(weight):
+                return _Weight(node, "MatMul", weight.const_value.numpy().T, weight)
+            transpose = weight.producer()
+            if (transpose is not None and transpose.op_type == "Transpose" and _matrix(transpose.inputs[0])
+                    and list(transpose.attributes.get_ints("perm", [1, 0])) == [1, 0]):
+                return _Weight(node, "MatMul", transpose.inputs[0].const_value.numpy(), transpose.inputs[0])
+        if node.op_type == "Gather" and _matrix(node.inputs[0]) and node.attributes.get_int("axis", 0) == 0:
+            return _Weight(node, "Gather", node.inputs[0].const_value.numpy(), node.inputs[0])
         return None
 
-    def _carry(self, weight: _Weight) -> list[onnx.NodeProto]:
-        record = {"node": weight.node.name, "op": weight.op, "weight": weight.initializer,
+    def _carry(self, weight: _Weight) -> tuple[list[ir.Node], ir.Value] | None:
+        """The nodes that replace the weight's node and the value they end in; None where it stays."""
+        record = {"node": weight.node.name, "op": weight.op, "weight": weight.initializer.name,
                   "shape": list(weight.values_RK.shape)}
         found = self.rows.find(np.ascontiguousarray(weight.values_RK, dtype=np.float32))
         sources = list(dict.fromkeys(source[0] for source in found if source is not None))  # in row order
@@ -185,12 +184,11 @@ class _GraphCarrier:
                 raise NotExact(f"{missing} of {len(found)} rows are no GGUF tensor's rows (rewritten)")
             if any(t in FLOAT_TYPES for t in record["types"]):
                 raise NotExact("float tensor in the GGUF: no blocks to carry")
-            names = self._table(weight, found)
+            codes, scales, offsets, rows, bits = self._table(weight, found)
         except NotExact as error:
             self.report.records.append({**record, "path": FALLBACK, "reason": str(error)})
-            return [weight.node]
-        codes, scales, offsets, rows, bits = names
-        self.replaced.add(weight.initializer)
+            return None
+        self.replaced[weight.initializer] = None
         self.report.records.append({**record, "path": CARRIED, "bits": bits, "block": rows.block,
                                     "offsets": offsets is not None})
         if weight.op == "MatMul":
@@ -215,78 +213,83 @@ class _GraphCarrier:
         bits = _target_bits(rows.bits, self.weights)
         if not np.array_equal(gguf_blocks.reconstruct(rows), weight.values_RK):
             raise NotExact("the decoded blocks do not reproduce the dequantized rows")
-        prefix = f"gguf/{weight.initializer}"
-        self.new_initializers += [numpy_helper.from_array(gguf_blocks.pack(rows, bits), f"{prefix}/codes"),
-                                  numpy_helper.from_array(rows.scales, f"{prefix}/scales")]
+        prefix = f"gguf/{weight.initializer.name}"
+        codes = self._initializer(gguf_blocks.pack(rows, bits), f"{prefix}/codes")
+        scales = self._initializer(rows.scales, f"{prefix}/scales")
         offsets = None
-        if rows.offsets is not None:
-            offsets = f"{prefix}/offsets_T"  # [nb, R]: what the block sums multiply
-            self.new_initializers.append(numpy_helper.from_array(np.ascontiguousarray(rows.offsets.T), offsets))
-        self.tables[key] = (f"{prefix}/codes", f"{prefix}/scales", offsets, rows, bits)
+        if rows.offsets is not None:  # [nb, R]: what the block sums multiply
+            offsets = self._initializer(np.ascontiguousarray(rows.offsets.T), f"{prefix}/offsets_T")
+        self.tables[key] = (codes, scales, offsets, rows, bits)
         return self.tables[key]
 
-    def _matmul_nbits(self, node, codes, scales, offsets, rows: BlockRows, bits: int) -> list[onnx.NodeProto]:
-        x, y = node.input[0], node.output[0]
+    def _matmul_nbits(self, node: ir.Node, codes, scales, offsets, rows: BlockRows, bits: int):
+        x = node.inputs[0]
         count, length = rows.codes.shape
-        name = f"gguf/{node.name or y}"
-        nodes = [helper.make_node("MatMulNBits", [x, codes, scales], [f"{name}/codes_out" if offsets else y],
-                                  domain="com.microsoft", name=f"{name}/MatMulNBits", K=length, N=count, bits=bits,
-                                  block_size=rows.block, accuracy_level=ACCURACY_LEVEL)]
-        if offsets is None:
-            return nodes
-        sums, sums_nodes = self._block_sums(x, length, rows.block)
-        nodes = sums_nodes + nodes + [
-            helper.make_node("MatMul", [sums, offsets], [f"{name}/offsets_out"], name=f"{name}/offsets"),
-            helper.make_node("Add", [f"{name}/codes_out", f"{name}/offsets_out"], [y], name=f"{name}/add")]
-        self.report.helper_nodes.add(f"{name}/offsets")
-        return nodes
+        name = f"gguf/{node.name or node.outputs[0].name}"
+        tape = ir.tape.Tape()
+        sums = self._block_sums(tape, x, length, rows.block) if offsets is not None else None
+        y = tape.op("MatMulNBits", [x, codes, scales],
+                    dict(K=length, N=count, bits=bits, block_size=rows.block, accuracy_level=ACCURACY_LEVEL),
+                    domain="com.microsoft", name=f"{name}/MatMulNBits",
+                    output=ir.val(f"{name}/codes_out") if offsets is not None else None)
+        if offsets is not None:
+            through_offsets = tape.op("MatMul", [sums, offsets], name=f"{name}/offsets", output=ir.val(f"{name}/offsets_out"))
+            y = tape.op("Add", [y, through_offsets], name=f"{name}/add")
+            self.report.helper_nodes.add(f"{name}/offsets")
+        return list(tape.nodes), y
 
-    def _block_sums(self, x: str, length: int, block: int) -> tuple[str, list[onnx.NodeProto]]:
+    def _block_sums(self, tape: ir.tape.Tape, x: ir.Value, length: int, block: int) -> ir.Value:
         """x [..., K] @ S [K, nb] (S[k, b] = 1 where k // block == b): sums over each block, once per input."""
         key = (x, length, block)
-        if key in self.block_sums:
-            return self.block_sums[key], []
-        matrix = f"gguf/block_sum_{length}x{block}"
-        if not any(init.name == matrix for init in self.new_initializers):
-            ones = np.kron(np.eye(length // block, dtype=np.float32), np.ones((block, 1), np.float32))
-            self.new_initializers.append(numpy_helper.from_array(ones, matrix))
-        sums = f"gguf/{x}/block_sums_{block}"
-        self.block_sums[key] = sums
-        self.report.helper_nodes.add(sums)
-        return sums, [helper.make_node("MatMul", [x, matrix], [sums], name=sums)]
+        if key not in self.block_sums:
+            matrix = f"gguf/block_sum_{length}x{block}"
+            if matrix not in self.graph.initializers:
+                self._initializer(np.kron(np.eye(length // block, dtype=np.float32), np.ones((block, 1), np.float32)),
+                                  matrix)
+            name = f"gguf/{x.name}/block_sums_{block}"
+            self.block_sums[key] = tape.op("MatMul", [x, self.graph.initializers[matrix]], name=name, output=ir.val(name))
+            self.report.helper_nodes.add(name)
+        return self.block_sums[key]
 
-    def _gather_block_quantized(self, node, codes, scales, offsets, rows: BlockRows, bits: int) -> list[onnx.NodeProto]:
+    def _gather_block_quantized(self, node: ir.Node, codes, scales, offsets, rows: BlockRows, bits: int):
         """Gather(table, ids) -> Reshape(GatherBlockQuantized(codes, ids, scales) [+ Gather(offsets, ids)])."""
-        ids, embedded = node.input[1], node.output[0]
+        ids = node.inputs[1]
         count, length = rows.codes.shape
-        blocks = length // rows.block
-        name = f"gguf/{node.name or embedded}"
-        self.new_initializers += [numpy_helper.from_array(np.array([count, blocks, 1], np.int64), f"{name}/scales_shape"),
-                                  numpy_helper.from_array(np.array([length], np.int64), f"{name}/hidden")]
-        gathered = f"{name}/blocks"  # [..., nb, block]
-        nodes = [
-            helper.make_node("Reshape", [scales, f"{name}/scales_shape"], [f"{name}/scales"], name=f"{name}/scales"),
-            helper.make_node("GatherBlockQuantized", [codes, ids, f"{name}/scales"], [gathered], domain="com.microsoft",
-                             name=f"{name}/GatherBlockQuantized", bits=bits, block_size=rows.block, gather_axis=0,
-                             quantize_axis=2),
-        ]
+        name = f"gguf/{node.name or node.outputs[0].name}"
+        scales_shape = self._initializer(np.array([count, length // rows.block, 1], np.int64), f"{name}/scales_shape")
+        hidden = self._initializer(np.array([length], np.int64), f"{name}/hidden")
+        tape = ir.tape.Tape()
+
+        def op(op_type, inputs, attributes=None, *, output: str, node: str | None = None, domain: str = ""):
+            return tape.op(op_type, inputs, attributes, domain=domain, name=f"{name}/{node or output}",
+                           output=ir.val(f"{name}/{output}"))
+
+        gathered = op("GatherBlockQuantized", [codes, ids, op("Reshape", [scales, scales_shape], output="scales")],
+                      dict(bits=bits, block_size=rows.block, gather_axis=0, quantize_axis=2), output="blocks",
+                      node="GatherBlockQuantized", domain="com.microsoft")  # [..., nb, block]
         if offsets is not None:
-            nodes += [
-                helper.make_node("Transpose", [offsets], [f"{name}/offsets_RB"], perm=[1, 0], name=f"{name}/offsets_RB"),
-                helper.make_node("Reshape", [f"{name}/offsets_RB", f"{name}/scales_shape"], [f"{name}/offsets_RB1"],
-                                 name=f"{name}/offsets_RB1"),
-                helper.make_node("Gather", [f"{name}/offsets_RB1", ids], [f"{name}/offsets"], axis=0,
-                                 name=f"{name}/offsets"),
-                helper.make_node("Add", [gathered, f"{name}/offsets"], [f"{name}/sum"], name=f"{name}/add"),
-            ]
+            offsets_RB = op("Transpose", [offsets], dict(perm=[1, 0]), output="offsets_RB")
+            offsets_RB1 = op("Reshape", [offsets_RB, scales_shape], output="offsets_RB1")
+            gathered = op("Add", [gathered, op("Gather", [offsets_RB1, ids], dict(axis=0), output="offsets")], output="sum",
+                          node="add")
             self.report.helper_nodes.add(f"{name}/offsets")
-            gathered = f"{name}/sum"
-        return nodes + [
-            helper.make_node("Shape", [ids], [f"{name}/ids_shape"], name=f"{name}/ids_shape"),
-            helper.make_node("Concat", [f"{name}/ids_shape", f"{name}/hidden"], [f"{name}/shape"], axis=0,
-                             name=f"{name}/shape"),
-            helper.make_node("Reshape", [gathered, f"{name}/shape"], [embedded], name=f"{name}/reshape"),
-        ]
+        shape = op("Concat", [op("Shape", [ids], output="ids_shape"), hidden], dict(axis=0), output="shape")
+        embedded = tape.op("Reshape", [gathered, shape], name=f"{name}/reshape")
+        return list(tape.nodes), embedded
+
+    def _initializer(self, array: np.ndarray, name: str) -> ir.Value:
+        value = ir.val(name, const_value=ir.tensor(array))
+        self.graph.register_initializer(value)
+        return value
+
+    def _drop_unused(self) -> None:
+        """Remove what the carried weights left behind: their float initializers and the Transposes of them."""
+        for weight in self.replaced:
+            for transpose in weight.consumers():
+                if transpose.op_type == "Transpose" and transpose.graph is self.graph and not in_use(transpose.outputs[0]):
+                    self.graph.remove(transpose, safe=True)
+            if not in_use(weight):
+                self.graph.initializers.pop(weight.name)
 
 
 def _target_bits(code_bits: int, weights: str) -> int:
@@ -304,20 +307,8 @@ def _kind(names: list[str]) -> str:
     return "+".join(dict.fromkeys(re.sub(r"^blk\.\d+\.|\.weight$", "", name) for name in names))
 
 
-def _attribute(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            value = helper.get_attribute_value(attribute)
-            return list(value) if isinstance(value, (list, tuple)) else value
-    return default
+def _matrix(value: ir.Value | None) -> bool:
+    """A 2-D initializer."""
+    return (value is not None and value.is_initializer() and value.const_value is not None
+            and len(value.const_value.shape) == 2)
 
-
-def _drop_unused(graph: onnx.GraphProto, replaced: set[str]) -> None:
-    """Remove what the carried weights left behind: their float initializers and the Transposes of them."""
-    used = names_read(graph) | {output.name for output in graph.output}
-    for node in [node for node in graph.node
-                 if node.op_type == "Transpose" and node.input[0] in replaced and node.output[0] not in used]:
-        graph.node.remove(node)
-    used = names_read(graph)
-    for init in [init for init in graph.initializer if init.name in replaced and init.name not in used]:
-        graph.initializer.remove(init)

@@ -26,12 +26,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgeattn.exporters.lowering_contract import AttentionLowering
 from edgeattn.exporters.norms import SKIP, STANDARD, norm, skip_rms_norm
 from edgeattn.models.decoder import Decoder
 
 
 class ExportGraph(nn.Module):
-    def __init__(self, decoder: Decoder, lowerings: list, norm_fusion: str = STANDARD) -> None:
+    def __init__(self, decoder: Decoder, lowerings: list[AttentionLowering], norm_fusion: str = STANDARD) -> None:
         super().__init__()
         self.decoder = decoder
         self.lowerings = lowerings
@@ -45,21 +46,17 @@ class ExportGraph(nn.Module):
             positions = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
             x = x + decoder.pos_embed(positions)[None]
         blocks = self.fused_blocks if self.norm_fusion == SKIP else self.plain_blocks
-        last, presents = blocks(x, attention_mask, past, self._step(input_ids.shape[1], attention_mask))
+        # The per-step tensors every layer shares (positions, masks, RoPE tables), computed once.
+        step = self.lowerings[0].prepare_step(input_ids.shape[1], attention_mask)
+        last, presents = blocks(x, attention_mask, past, step)
         return (decoder.lm_head(last), *presents)
-
-    def _step(self, length, attention_mask) -> dict:
-        """Keyword arguments of every layer's ``attend``: the per-step tensors a lowering shares across
-        layers (``prepare_step``: positions, masks, RoPE tables), computed once."""
-        prepare = getattr(self.lowerings[0], "prepare_step", None)
-        return {"step": prepare(length, attention_mask)} if prepare is not None else {}
 
     def plain_blocks(self, x, attention_mask, past, step):
         """Residual adds and norms as separate nodes; returns (final-normed last token, presents)."""
         presents = []
         for index, block in enumerate(self.decoder.blocks):
             attended, present_key, present_value = self.lowerings[index].attend(
-                block.attn, norm(block.attn_norm, x), attention_mask, past[2 * index], past[2 * index + 1], **step)
+                block.attn, norm(block.attn_norm, x), attention_mask, past[2 * index], past[2 * index + 1], step)
             presents += [present_key, present_value]
             x = x + attended
             x = x + block.mlp(norm(block.mlp_norm, x))
@@ -72,7 +69,7 @@ class ExportGraph(nn.Module):
         residual, normed = x, norm(blocks[0].attn_norm, x)
         for index, block in enumerate(blocks):
             attended, present_key, present_value = self.lowerings[index].attend(
-                block.attn, normed, attention_mask, past[2 * index], past[2 * index + 1], **step)
+                block.attn, normed, attention_mask, past[2 * index], past[2 * index + 1], step)
             presents += [present_key, present_value]
             normed, residual = skip_rms_norm(block.mlp_norm, attended, residual)
             update = block.mlp(normed)

@@ -37,19 +37,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edgeattn.choices import ATTENTION_OPS
 from edgeattn.errors import EdgeattnError
 from edgeattn.exporters import edgeattn_ops, onnx_attention, ort_gqa
 from edgeattn.exporters.checks import fused_op_name
+from edgeattn.exporters.lowering_contract import AttentionLowering
+from edgeattn.models.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
-
-ATTENTION_OPS = ("auto", "ort", "onnx", "edgeattn")
 
 
 @dataclass(frozen=True)
 class _Lowering:
     name: str
     unsupported_reason: Callable[[AttentionSpec, str, bool], str | None]
-    for_layer: Callable  # (attn, spec, max_length) -> lowering module
+    for_layer: Callable[[EdgeAttention, AttentionSpec, int], AttentionLowering]  # (attn, spec, max_length)
     ring: bool  # keeps a windowed spec in a constant-memory ring
 
 
@@ -70,7 +71,7 @@ class LoweringChoice:
     """The lowering picked for a model: one module per layer, and why each other lowering was not used."""
 
     name: str
-    layers: list = field(repr=False)
+    layers: list[AttentionLowering] = field(repr=False)
     not_chosen: dict[str, str]
 
     def to_dict(self) -> dict:

@@ -18,11 +18,13 @@ them after export so that no graph output name promises a tensor that never exis
 from __future__ import annotations
 
 import onnx
+import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeattn.exporters.graph_names import names_read
+from edgeattn.exporters.graph_names import in_use
+from edgeattn.exporters.lowering_contract import AttentionLowering
 from edgeattn.models.decoder import RMSNorm
 
 STANDARD = "standard"
@@ -32,9 +34,9 @@ SKIP_OP = "SkipSimplifiedLayerNormalization"
 _UNUSED_OUTPUTS = (1, 2)  # mean, inv_std_var
 
 
-def choose_norm_fusion(decoder, lowerings: list) -> str:
+def choose_norm_fusion(decoder, lowerings: list[AttentionLowering]) -> str:
     """``skip`` when the graph is onnxruntime-only already and every norm is an RMSNorm."""
-    ort_only = any(getattr(lowering, "domain", None) == SKIP_DOMAIN for lowering in lowerings)
+    ort_only = any(lowering.domain == SKIP_DOMAIN for lowering in lowerings)
     norms = [module for module in decoder.modules() if isinstance(module, (RMSNorm, nn.LayerNorm))]
     return SKIP if ort_only and all(isinstance(norm, RMSNorm) for norm in norms) else STANDARD
 
@@ -59,20 +61,20 @@ def skip_rms_norm(module: RMSNorm, x: torch.Tensor, skip: torch.Tensor) -> tuple
 
 
 def drop_unused_skip_norm_outputs(model: onnx.ModelProto) -> bool:
-    """Blank the optional outputs of SkipSimplifiedLayerNormalization nodes; True when any changed."""
-    blanked = set()
-    for node in model.graph.node:
-        if node.domain == SKIP_DOMAIN and node.op_type == SKIP_OP:
-            for index in _UNUSED_OUTPUTS:
-                if index < len(node.output) and node.output[index]:
-                    blanked.add(node.output[index])
-                    node.output[index] = ""
+    """Blank the optional outputs of SkipSimplifiedLayerNormalization nodes; True when any changed.
+
+    The proto is read as an ``onnx_ir`` model (which finds readers in subgraphs too) and, when a node
+    changed, written back into ``model``: the caller keeps editing and saving that proto.
+    """
+    graph_model = ir.from_proto(model)
+    blanked = [output for node in graph_model.graph if node.domain == SKIP_DOMAIN and node.op_type == SKIP_OP
+               for index, output in enumerate(node.outputs) if index in _UNUSED_OUTPUTS and output.name]
     if not blanked:
         return False
-    consumed = names_read(model.graph) | {out.name for out in model.graph.output}
-    if blanked & consumed:
-        raise RuntimeError(f"{SKIP_OP} statistics are consumed in the graph: {sorted(blanked & consumed)}")
-    kept = [info for info in model.graph.value_info if info.name not in blanked]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(kept)
+    consumed = sorted(output.name for output in blanked if in_use(output))
+    if consumed:
+        raise RuntimeError(f"{SKIP_OP} statistics are consumed in the graph: {consumed}")
+    for output in blanked:
+        output.name = ""  # an unnamed output is an omitted one; its value_info goes with the name
+    model.CopyFrom(ir.to_proto(graph_model))
     return True

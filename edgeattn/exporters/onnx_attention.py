@@ -41,8 +41,8 @@ fp32 after the slice; the PyTorch model rounds them to fp16 likewise).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from edgeattn.exporters.lowering_contract import AttentionLowering, CacheLayout, LoweringBase
 from edgeattn.exporters.onnx_hierarchical import HierarchicalAttentionLowering
 from edgeattn.exporters.onnx_quant_cache import QuantCacheLowering
 from edgeattn.exporters.onnx_ring import CodecRingLowering, RingAttentionLowering
@@ -62,7 +62,7 @@ def unsupported_reason(spec: AttentionSpec, provider: str, has_rotary: bool) -> 
     return None
 
 
-def lowering_for(attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> nn.Module:
+def lowering_for(attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> AttentionLowering:
     """The layer's lowering: the ring (``onnx_ring``) for a window, else Attention over a max-length cache
     of floats (below) or of int8/int4 codes (``onnx_quant_cache``)."""
     if isinstance(attn.visibility, SinkWindowVisibility):
@@ -72,21 +72,20 @@ def lowering_for(attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> n
         return HierarchicalAttentionLowering(attn, spec, max_length)
     if attn.codec.quantized:
         return QuantCacheLowering(attn, spec, max_length)
-    return AttentionLowering(attn, spec, max_length)
+    return FullCacheLowering(attn, spec, max_length)
 
 
-class AttentionLowering(nn.Module):
+class FullCacheLowering(LoweringBase):
     """Emits RotaryEmbedding x2, TensorScatter x2 and one Attention node for one EdgeAttention layer."""
 
     name = NAME
-    domain = ""
     op_type = "Attention"
+    opset = OPSET
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
         super().__init__()
         self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.capacity = max_length
-        self.opset = OPSET
         self.cache_dtype = _CACHE_DTYPES[attn.codec.dtype]
         self.has_rotary = attn.rotary is not None
         if self.has_rotary:
@@ -95,23 +94,22 @@ class AttentionLowering(nn.Module):
             self.register_buffer("cos_cache", cos[:, :half].contiguous())  # [C, D/2]
             self.register_buffer("sin_cache", sin[:, :half].contiguous())
 
-    def cache_layout(self) -> dict:
+    def cache_layout(self) -> CacheLayout:
         """How the runtime allocates past_key/past_value for this layer."""
         dtype = {torch.float32: "float32", torch.float16: "float16"}[self.cache_dtype]
-        return {"capacity": self.capacity, "dtype": dtype, "shape_tail": [self.kv_heads, self.capacity, self.head_dim],
-                "ring": False, "max_positions": self.capacity}
+        return CacheLayout(self.kv_heads, self.capacity, self.head_dim, dtype, ring=False, max_positions=self.capacity)
 
     def attributes(self) -> dict:
         return {"is_causal": 1, "scale": self.head_dim**-0.5}
 
     def attend(self, attn: EdgeAttention, h: torch.Tensor, attention_mask: torch.Tensor,
-               past_key: torch.Tensor, past_value: torch.Tensor):
+               past_key: torch.Tensor, past_value: torch.Tensor, step: None):
         batch, length, _ = h.shape
         total = attention_mask.shape[1]  # T: every row holds T tokens (the mask's values are not read)
         past = total - length
-        q = attn._heads(attn.q_proj(h), self.num_heads)  # [B, H, L, D]
-        k = attn._heads(attn.k_proj(h), self.kv_heads)  # [B, Hkv, L, D]
-        v = attn._heads(attn.v_proj(h), self.kv_heads)
+        q = attn.split_heads(attn.q_proj(h), self.num_heads)  # [B, H, L, D]
+        k = attn.split_heads(attn.k_proj(h), self.kv_heads)  # [B, Hkv, L, D]
+        v = attn.split_heads(attn.v_proj(h), self.kv_heads)
         if self.has_rotary:
             positions = (torch.arange(length) + past).expand(batch, length)  # [B, L]
             q = torch.onnx.ops.rotary_embedding(q, self.cos_cache, self.sin_cache, positions)

@@ -17,7 +17,8 @@ block being written. Buffer of C + NB rows per past/present::
 
 A decode step (``onnx_hierarchical_function``'s ``then`` branch) then costs O(NB*D) to score the blocks and
 O(S + W + K*bs) to attend: a fixed token budget, whatever the context. Each query head's rows (sinks,
-window, selected blocks) are read with one ``GatherND`` per buffer. A chunk (a prompt) attends densely over
+window, selected blocks) are read with one ``GatherND`` per buffer; with blocks selected per kv head
+(``block_select`` kv-head) each kv head's rows are read once for all its query heads. A chunk (a prompt) attends densely over
 its T keys with the selection as a mask, as the model does. The cache writes (new rows and the summaries of
 the blocks they touch) sit outside the layer's ``If``, whose outputs onnxruntime copies: one in-place
 ``ScatterElements`` per buffer.
@@ -29,9 +30,9 @@ from dataclasses import dataclass
 
 import onnx
 import torch
-from torch import nn
 
 from edgeattn.exporters import onnx_hierarchical_function, onnx_ring_function, rope_angles
+from edgeattn.exporters.lowering_contract import CacheLayout, LoweringBase
 from edgeattn.exporters.onnx_ring import MASKED, register_packed_qkv, register_rotary
 from edgeattn.models.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
@@ -57,11 +58,10 @@ class HierarchicalStep:
                 self.q_pos)
 
 
-class HierarchicalAttentionLowering(nn.Module):
+class HierarchicalAttentionLowering(LoweringBase):
     """Block summaries in the cache, TopK, GatherND of the rows read and one ``Attention`` per layer."""
 
     name = NAME
-    domain = ""
     op_type = "Attention"
     opset = onnx_ring_function.OPSET
     inline_functions = True
@@ -74,6 +74,7 @@ class HierarchicalAttentionLowering(nn.Module):
         self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.block_size, self.top_blocks, self.block_mass = visibility.block_size, visibility.top_blocks, visibility.block_mass
         self.sinks = visibility.sinks
+        self.shared = visibility.select == "kv-head"  # blocks chosen once per kv head for its query heads
         self.max_length = max_length
         self.blocks = -(-max_length // self.block_size)
         self.rows = self.blocks * self.block_size
@@ -83,12 +84,12 @@ class HierarchicalAttentionLowering(nn.Module):
         register_rotary(self, attn)
         register_packed_qkv(self, attn)
 
-    def cache_layout(self) -> dict:
+    def cache_layout(self) -> CacheLayout:
         """How the runtime allocates past_key/past_value for this layer: ``capacity`` rows, of which the first
         ``tokens`` hold tokens; a decode step reads at most ``keys_read`` of them and ``summary_rows`` summaries."""
-        return {"capacity": self.slots, "dtype": "float32", "shape_tail": [self.kv_heads, self.slots, self.head_dim],
-                "ring": False, "max_positions": self.max_length, "tokens": self.max_length,
-                "keys_read": self.keys_read(), "summary_rows": self.blocks}
+        return CacheLayout(self.kv_heads, self.slots, self.head_dim, "float32", ring=False,
+                           max_positions=self.max_length, tokens=self.max_length, keys_read=self.keys_read(),
+                           summary_rows=self.blocks)
 
     def keys_read(self) -> int:
         """Keys one decode step attends to, at most, whatever the context: sinks, window and selected blocks."""
@@ -98,7 +99,7 @@ class HierarchicalAttentionLowering(nn.Module):
         """The layer's body (inlined by the exporter, so the saved graph holds standard ops only)."""
         return onnx_hierarchical_function.hierarchical_function(
             self.num_heads, self.kv_heads, self.head_dim, self.sinks, self.window, self.block_size, self.blocks,
-            self.top_blocks, self.block_mass, self.has_rotary)
+            self.top_blocks, self.block_mass, self.has_rotary, self.shared)
 
     def prepare_step(self, length: int, attention_mask: torch.Tensor) -> HierarchicalStep:
         """The tensors every layer shares for a step of ``length`` new tokens (``attention_mask`` [B, T])."""

@@ -6,7 +6,9 @@ W local window, bs block size, NB blocks, C = NB * bs token rows, K blocks selec
 P cached tokens before this step, T = P + L.
 
 Decode reads only what it selects: the block summaries (NB rows), the sinks, the local window and the K
-selected blocks, one row ``GatherND`` per buffer.
+selected blocks, one row ``GatherND`` per buffer. With blocks selected per kv head (``shared``) a kv head's
+query heads share one choice, so the rows are gathered once per kv head ([B, Hkv, N, D]) and ``Attention``
+reads them for the whole group; per query head they are gathered R times.
 A chunk (a prompt) attends densely with the selection as a mask: its queries each select their own blocks,
 and a dense pass over T keys is what a prefill costs anyway.
 """
@@ -27,7 +29,7 @@ _LAST = [-1]
 
 
 def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, window: int, block_size: int,
-                          blocks: int, top_blocks: int, block_mass: float | None, rotary: bool):
+                          blocks: int, top_blocks: int, block_mass: float | None, rotary: bool, shared: bool = False):
     """``HierarchicalRows`` for one shape and the two helpers it calls; see ``onnx_hierarchical`` for the buffer
     layout."""
     SINKS = sinks  # noqa: N806 - onnxscript reads these as constants
@@ -48,6 +50,9 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
     KV_HEADS = kv_heads  # noqa: N806
     GROUP = heads // kv_heads  # noqa: N806
     HEAD_DIM = head_dim  # noqa: N806
+    SHARED = shared  # noqa: N806 - blocks chosen per kv head
+    CHOOSERS = 1 if shared else heads // kv_heads  # noqa: N806 - selections per kv head
+    GATHERED_HEADS = kv_heads if shared else heads  # noqa: N806 - heads of the gathered keys
 
     @onnxscript.script(INLINED, default_opset=op)
     def BlockBounds(q_grouped, block_max, block_min):
@@ -118,33 +123,41 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
             # Level 1: each query head bounds each block's best score by its keys' per-channel min/max.
             q_grouped = op.Reshape(q, op.Constant(value_ints=[0, KV_HEADS, GROUP, HEAD_DIM]))  # [B, Hkv, R, D]
             bound = BlockBounds(q_grouped, all_max, all_min) + block_mask  # [B, Hkv, R, NB]
-            chosen, keep = ChosenBlocks(bound)  # [B, Hkv, R, K]
-            # Level 2: one row gather per buffer, per query head: the sinks, the W window rows, the chosen blocks.
-            chosen_rows = op.Unsqueeze(chosen * block, _LAST) + op.Range(zero, block, one)  # [B, Hkv, R, K, bs]
-            position = op.Reshape(chosen_rows, op.Constant(value_ints=[0, KV_HEADS, GROUP, -1]))  # [B, Hkv, R, K*bs]
+            if SHARED:
+                bound = op.ReduceMax(bound, axis, keepdims=1)  # [B, Hkv, 1, NB]: a block as its best query head sees it
+            chosen, keep = ChosenBlocks(bound)  # [B, Hkv, c, K]; c: R choosers, or 1 shared
+            # Level 2: one row gather per buffer, per chooser: the sinks, the W window rows, the chosen blocks.
+            chosen_rows = op.Unsqueeze(chosen * block, _LAST) + op.Range(zero, block, one)  # [B, Hkv, c, K, bs]
+            position = op.Reshape(chosen_rows, op.Constant(value_ints=[0, KV_HEADS, CHOOSERS, -1]))  # [B, Hkv, c, K*bs]
             local = op.Range(window_start, window_start + op.Constant(value_ints=[WINDOW]), one)
             if HAS_SINKS:
                 local = op.Concat(op.Constant(value_ints=SINK_ROWS), local, axis=0)  # [S+W]
             local_shape = op.Concat(op.Shape(position, start=0, end=3), op.Shape(local), axis=0)
-            read = op.Concat(op.Expand(local, local_shape), position, axis=-1)  # [B, Hkv, R, S+W+K*bs]
+            read = op.Concat(op.Expand(local, local_shape), position, axis=-1)  # [B, Hkv, c, S+W+K*bs]
             row_index = op.Unsqueeze(op.Reshape(read, op.Constant(value_ints=[0, KV_HEADS, -1])), _LAST)
-            per_head = op.Constant(value_ints=[0, HEADS, -1, HEAD_DIM])
-            keys = op.Reshape(op.GatherND(present_key, row_index, batch_dims=2), per_head)  # [B, H, S+W+K*bs, D]
+            per_head = op.Constant(value_ints=[0, GATHERED_HEADS, -1, HEAD_DIM])
+            keys = op.Reshape(op.GatherND(present_key, row_index, batch_dims=2), per_head)  # [B, Hkv*c, S+W+K*bs, D]
             values = op.Reshape(op.GatherND(present_value, row_index, batch_dims=2), per_head)
             # A chosen row counts unless it is a sink or in the window (read there) or its block was not kept.
             counted = op.And(op.And(op.GreaterOrEqual(chosen_rows, op.Constant(value_int=SINKS)),
                                     op.Less(chosen_rows, window_start)), op.Unsqueeze(keep, _LAST))
-            chosen_mask = op.Reshape(op.Where(counted, zero_f, op.Constant(value_float=_MASKED)),
-                                     op.Constant(value_ints=[0, HEADS, 1, -1]))
+            chosen_mask = op.Where(counted, zero_f, op.Constant(value_float=_MASKED))  # [B, Hkv, c, K, bs]
+            if SHARED:  # the group's query heads share the mask as they share the rows
+                chosen_mask = op.Expand(chosen_mask, op.Constant(value_ints=[1, 1, GROUP, 1, 1]))
+            chosen_mask = op.Reshape(chosen_mask, op.Constant(value_ints=[0, HEADS, 1, -1]))
             mask_shape = op.Concat(op.Shape(q, start=0, end=3), op.Shape(local_mask, start=3), axis=0)
             mask = op.Concat(op.Expand(local_mask, mask_shape), chosen_mask, axis=-1)  # [B, H, 1, S+W+K*bs]
-            attended = op.Attention(q, keys, values, mask, scale=SCALE)  # [B, H, 1, D]
+            attended = op.Attention(q, keys, values, mask, scale=SCALE)  # [B, H, 1, D]; GQA when shared
         else:
             # Every query scores every complete block (dense: a chunk pays O(L*T) anyway).
             length = op.Shape(q_pos)
             q_grouped = op.Reshape(q, op.Constant(value_ints=[0, KV_HEADS, -1, HEAD_DIM]))  # [B, Hkv, R*L, D]
             bound = BlockBounds(q_grouped, all_max, all_min)
             heads_length = op.Concat(op.Constant(value_ints=[0, HEADS]), length, op.Constant(value_ints=[-1]), axis=0)
+            if SHARED:  # the largest bound of a kv head's query heads, for each of them
+                grouped = op.Reshape(bound, op.Concat(op.Constant(value_ints=[0, KV_HEADS, GROUP]), length,
+                                                      op.Constant(value_ints=[-1]), axis=0))  # [B, Hkv, R, L, NB]
+                bound = op.Expand(op.ReduceMax(grouped, axis, keepdims=1), op.Shape(grouped))
             bound = op.Reshape(bound, heads_length)  # [B, H, L, NB]
             block_id = op.Range(zero, op.Constant(value_int=SUMMARY_END - ROWS), one)
             query = op.Unsqueeze(q_pos, [1])  # [L, 1]

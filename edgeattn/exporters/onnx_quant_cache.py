@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import onnx
 import torch
-from torch import nn
 
 from edgeattn.exporters import edgeattn_functions
+from edgeattn.exporters.lowering_contract import CacheLayout, LoweringBase
 from edgeattn.exporters.packed_qkv import packed_qkv, split_heads
 from edgeattn.models.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
@@ -28,11 +28,10 @@ OPSET = 24  # TensorScatter, Attention's nonpad_kv_seqlen
 _CODEC_DOMAIN = edgeattn_functions.DOMAIN
 
 
-class QuantCacheLowering(nn.Module):
+class QuantCacheLowering(LoweringBase):
     """Emits RotaryEmbedding x2, EncodeKV, TensorScatter x2, Slice x2, DecodeKV (inlined) and Attention."""
 
     name = NAME
-    domain = ""
     op_type = "Attention"
     opset = OPSET
     inline_functions = True
@@ -41,7 +40,7 @@ class QuantCacheLowering(nn.Module):
         super().__init__()
         codec = attn.codec
         if not codec.quantized:
-            raise ValueError(f"a {codec.dtype} cache needs no codec functions (AttentionLowering)")
+            raise ValueError(f"a {codec.dtype} cache needs no codec functions (FullCacheLowering)")
         if codec.dtype == "int4" and attn.head_dim % 2:
             raise ValueError(f"an int4 KV cache packs two codes per byte: head_dim {attn.head_dim} is odd")
         self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -65,11 +64,10 @@ class QuantCacheLowering(nn.Module):
         self.register_buffer("qkv_weight_T", weight)
         self.register_buffer("qkv_bias", bias)
 
-    def cache_layout(self) -> dict:
+    def cache_layout(self) -> CacheLayout:
         """How the runtime allocates past_key/past_value for this layer: the codec's rows."""
         dtype = "int8" if self.dtype == torch.int8 else "uint8"
-        return {"capacity": self.capacity, "dtype": dtype, "shape_tail": [self.kv_heads, self.capacity, self.row_width],
-                "ring": False, "max_positions": self.capacity}
+        return CacheLayout(self.kv_heads, self.capacity, self.row_width, dtype, ring=False, max_positions=self.capacity)
 
     def functions(self) -> list[onnx.FunctionProto]:
         """The codec (inlined by the exporter: the saved graph holds standard ops only)."""
@@ -79,7 +77,7 @@ class QuantCacheLowering(nn.Module):
         return list({(function.domain, function.name): function for function in codec}.values())
 
     def attend(self, attn: EdgeAttention, h: torch.Tensor, attention_mask: torch.Tensor,
-               past_key: torch.Tensor, past_value: torch.Tensor):
+               past_key: torch.Tensor, past_value: torch.Tensor, step: None):
         batch, length, _ = h.shape
         total = attention_mask.shape[1]  # T: every row holds T tokens (the mask's values are not read)
         past = total - length

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from edgeattn.exporters import edgeattn_functions, onnx_ring_function, rope_angles
+from edgeattn.exporters.lowering_contract import CacheLayout, LoweringBase
 from edgeattn.exporters.packed_qkv import packed_qkv
 from edgeattn.models.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
@@ -88,11 +89,10 @@ class RingStep:
                 self.sink_rows, self.q_pos, self.key_slot, self.value_slot, self.cos, self.sin, self.rows)
 
 
-class RingAttentionLowering(nn.Module):
+class RingAttentionLowering(LoweringBase):
     """Sliding window + sinks over a constant-memory ring, on ``Attention``/``ScatterElements``/``RotaryEmbedding``."""
 
     name = NAME
-    domain = ""
     op_type = "Attention"
     opset = onnx_ring_function.OPSET
     inline_functions = True
@@ -109,10 +109,10 @@ class RingAttentionLowering(nn.Module):
         register_rotary(self, attn)
         register_packed_qkv(self, attn)
 
-    def cache_layout(self) -> dict:
+    def cache_layout(self) -> CacheLayout:
         """How the runtime allocates past_key/past_value for this layer."""
-        return {"capacity": self.slots, "dtype": "float32", "shape_tail": [self.kv_heads, self.slots, self.head_dim],
-                "ring": True, "max_positions": None if self.has_rotary else self.max_length}
+        return CacheLayout(self.kv_heads, self.slots, self.head_dim, "float32", ring=True,
+                           max_positions=None if self.has_rotary else self.max_length)
 
     def functions(self) -> list[onnx.FunctionProto]:
         """The layer's body (inlined by the exporter, so the saved graph holds standard ops only)."""
@@ -188,13 +188,12 @@ class CodecRingStep:
                 self.slot, self.cos, self.sin, self.rows, self.batch_zeros)
 
 
-class CodecRingLowering(nn.Module):
+class CodecRingLowering(LoweringBase):
     """The ring of an fp16, int8 or int4 cache: codes of unrotated keys (as the PyTorch model stores them), so
     every slot is decoded and rotated on read, each at the position it has this step (window slots at their
     absolute position, sinks at e + j); the codecs are ``edgeattn_functions``'."""
 
     name = NAME
-    domain = ""
     op_type = "Attention"
     opset = onnx_ring_function.OPSET
     inline_functions = True
@@ -224,11 +223,10 @@ class CodecRingLowering(nn.Module):
             return "float16"
         return "int8" if self.kv_cache == "int8" and self.kv_quant == "per-channel" else "uint8"
 
-    def cache_layout(self) -> dict:
+    def cache_layout(self) -> CacheLayout:
         """How the runtime allocates past_key/past_value for this layer: the codec's rows, as edgeattn's ring."""
-        return {"capacity": self.ring_slots, "dtype": self.cache_dtype(),
-                "shape_tail": [self.kv_heads, self.ring_slots, self.row_width], "ring": True,
-                "max_positions": None if self.has_rotary else self.max_length}
+        return CacheLayout(self.kv_heads, self.ring_slots, self.row_width, self.cache_dtype(), ring=True,
+                           max_positions=None if self.has_rotary else self.max_length)
 
     def functions(self) -> list[onnx.FunctionProto]:
         """The layer's body and its codec (inlined by the exporter: the saved graph holds standard ops only)."""

@@ -25,8 +25,8 @@ this lowering generates at most ``max_length`` tokens even with a window.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from edgeattn.exporters.lowering_contract import CacheLayout, LoweringBase
 from edgeattn.exporters.packed_qkv import packed_qkv
 from edgeattn.models.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
@@ -54,7 +54,7 @@ def unsupported_reason(spec: AttentionSpec, provider: str, has_rotary: bool) -> 
     return None
 
 
-class GroupQueryAttentionLowering(nn.Module):
+class GroupQueryAttentionLowering(LoweringBase):
     """Emits one GroupQueryAttention node for one EdgeAttention layer."""
 
     name = NAME
@@ -79,12 +79,12 @@ class GroupQueryAttentionLowering(nn.Module):
         self.register_buffer("qkv_weight_T", weight)
         self.register_buffer("qkv_bias", bias)
 
-    def cache_layout(self) -> dict:
+    def cache_layout(self) -> CacheLayout:
         """How the runtime allocates past_key/past_value for this layer."""
         dtype = {None: "float32", 8: "int8", 4: "uint8"}[self.codec_bits]
-        last = self.head_dim // 2 if self.codec_bits == 4 else self.head_dim
-        return {"capacity": self.capacity, "dtype": dtype, "shape_tail": [self.kv_heads, self.capacity, last],
-                "ring": self.window is not None, "max_positions": int(self.cos_cache.shape[0])}
+        width = self.head_dim // 2 if self.codec_bits == 4 else self.head_dim
+        return CacheLayout(self.kv_heads, self.capacity, width, dtype, ring=self.window is not None,
+                           max_positions=int(self.cos_cache.shape[0]))
 
     def attributes(self) -> dict:
         attrs = {"num_heads": self.num_heads, "kv_num_heads": self.kv_heads, "do_rotary": 1,
@@ -96,7 +96,7 @@ class GroupQueryAttentionLowering(nn.Module):
         return attrs
 
     def attend(self, attn: EdgeAttention, h: torch.Tensor, attention_mask: torch.Tensor,
-               past_key: torch.Tensor, past_value: torch.Tensor):
+               past_key: torch.Tensor, past_value: torch.Tensor, step: None):
         batch, length, _ = h.shape
         qkv = h @ self.qkv_weight_T  # [B, L, (H + 2*Hkv)*D]: query, key, value side by side
         if self.qkv_bias is not None:

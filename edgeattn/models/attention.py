@@ -49,9 +49,9 @@ class EdgeAttention(nn.Module):
         """x [B, L, hidden] at absolute positions start..start+L-1 -> [B, L, hidden]."""
         batch, length, _ = x.shape
         q_pos = torch.arange(start, start + length)
-        q = self._heads(self.q_proj(x), self.num_heads)  # [B, H, L, D]
-        k = self._heads(self.k_proj(x), self.num_kv_heads)  # [B, Hkv, L, D]
-        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        q = self.split_heads(self.q_proj(x), self.num_heads)  # [B, H, L, D]
+        k = self.split_heads(self.k_proj(x), self.num_kv_heads)  # [B, Hkv, L, D]
+        v = self.split_heads(self.v_proj(x), self.num_kv_heads)
         ring = self.visibility.ring
         if self.rotary is not None and not ring:
             k = self.rotary.rotate(k, q_pos)  # full caches store rotated keys
@@ -102,7 +102,8 @@ class EdgeAttention(nn.Module):
             slots = positions
         cache.write(slots, positions, k, v)
 
-    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """A projection [B, L, heads*D] as [B, heads, L, D], the layout attention and the cache use."""
         batch, length, _ = x.shape
         return x.view(batch, length, heads, self.head_dim).transpose(1, 2)
 

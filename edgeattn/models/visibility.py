@@ -88,18 +88,23 @@ class HierarchicalVisibility(nn.Module):
     ``local_window`` most recent tokens. Because ``local_window >= block_size`` the
     incomplete current block is always inside the local window, so keeping every block
     is exactly full attention, and prefill and decode select identically.
+
+    ``select="kv-head"``: the query heads that read one kv head keep the same blocks, ranked by
+    the largest of their bounds (a block is as good as its best query head finds it), so a
+    kv head's rows are read once for its whole group.
     """
 
     ring = False
 
     def __init__(self, block_size: int, top_blocks: int, local_window: int, sinks: int = 0,
-                 block_mass: float | None = None) -> None:
+                 block_mass: float | None = None, select: str = "query-head") -> None:
         super().__init__()
         self.block_size = block_size
         self.top_blocks = top_blocks
         self.local_window = local_window
         self.sinks = sinks
         self.block_mass = block_mass
+        self.select = select
 
     def capacity(self, max_length: int) -> int:
         return max_length
@@ -130,14 +135,18 @@ class HierarchicalVisibility(nn.Module):
         block_end = (torch.arange(num_blocks, device=k_pos.device) + 1) * bs - 1
         complete = block_end[None, :] <= q_pos[:, None]  # [L, NB]
         bound = bound.masked_fill(~complete[None, None], float("-inf"))
-        keep = self._keep_blocks(bound, complete, dim)
+        if self.select == "kv-head":
+            shared = bound.reshape(batch, kv_heads, group, length, num_blocks).amax(2)  # [B, Hkv, L, NB]
+            keep = self._keep_blocks(shared, complete, dim).repeat_interleave(group, dim=1)
+        else:
+            keep = self._keep_blocks(bound, complete, dim)
         return torch.gather(keep, -1, key_block[None, None, None, :].expand(batch, heads, length, -1))
 
     def _keep_blocks(self, bound: torch.Tensor, complete: torch.Tensor, dim: int) -> torch.Tensor:
         """bound [B, H, L, NB] -> bool [B, H, L, NB] of kept blocks."""
         num_blocks = bound.shape[-1]
         k = min(self.top_blocks, num_blocks)
-        order = bound.argsort(dim=-1, descending=True)
+        order = bound.argsort(dim=-1, descending=True, stable=True)  # ties: the lower block first, as ONNX TopK
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(num_blocks).expand_as(order))
         budget = torch.full(bound.shape[:-1], k, dtype=torch.long)
         if self.block_mass is not None:

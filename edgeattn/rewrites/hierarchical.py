@@ -16,9 +16,10 @@ def applies(spec: AttentionSpec) -> bool:
 def enable_hierarchical(model, spec: AttentionSpec, calibration=None) -> list[LayerChange]:
     def change(index, attn) -> str:
         attn.visibility = HierarchicalVisibility(
-            spec.block_size, spec.top_blocks, spec.local_window, spec.sinks, spec.block_mass)
+            spec.block_size, spec.top_blocks, spec.local_window, spec.sinks, spec.block_mass, spec.block_select)
         mass = f", mass {spec.block_mass}" if spec.block_mass is not None else ""
-        return (f"blocks of {spec.block_size}, top {spec.top_blocks}{mass}, "
+        chooser = spec.block_select.replace("-", " ")
+        return (f"blocks of {spec.block_size}, top {spec.top_blocks} per {chooser}{mass}, "
                 f"local window {spec.local_window}, {spec.sinks} sinks")
 
     return for_each_attention(model, NAME, change)

@@ -93,7 +93,7 @@ def stream(lm: EdgeLM, prompt_ids: list[int], max_new_tokens: int, config: Sampl
         raise InvalidOptionError("the prompt is empty")
     if max_new_tokens < 1:
         raise InvalidOptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    vocab = lm.manifest["model"]["vocab_size"]
+    vocab = lm.manifest.model.vocab_size
     if config.top_k > vocab:
         raise InvalidOptionError(f"top_k {config.top_k} is more than the vocabulary of {vocab} tokens")
     stops = set(lm.stop_token_ids if stop_token_ids is None else stop_token_ids)

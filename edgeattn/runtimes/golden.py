@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.runtimes.manifest import cache_tokens, read_manifest, verify_files
+from edgeattn.runtimes.manifest import Manifest, read_manifest, verify_files
 from edgeattn.runtimes.metrics import compare_greedy, compare_logits
 from edgeattn.runtimes.session import PROVIDERS, EdgeLM
 from edgeattn.runtimes.thresholds import default_bounds, faithfulness_precision
@@ -70,9 +70,9 @@ def write_golden(folder: Path, golden: Golden) -> str:
     return GOLDEN_FILE
 
 
-def read_golden(folder: str | Path, manifest: dict) -> Golden:
+def read_golden(folder: str | Path, manifest: Manifest) -> Golden:
     """The folder's golden file, checked against the manifest (shapes, vocabulary, version)."""
-    name = manifest["files"].get("golden")
+    name = manifest.files.golden
     if not name:
         raise GoldenError(f"{folder}: no golden file in the manifest (convert it again with this edgeattn "
                           "to get golden.npz, or validate against PyTorch without --golden)")
@@ -98,13 +98,13 @@ def read_golden(folder: str | Path, manifest: dict) -> Golden:
         raise GoldenError(f"{path}: golden format {version} is not a version edgeattn wrote")
     golden = Golden(arrays["input_ids"], int(arrays["prefill"]), arrays["logits"], arrays["greedy_tokens"])
     prompts, length = golden.input_ids.shape
-    expected = (prompts, length - golden.prefill, manifest["model"]["vocab_size"])
+    expected = (prompts, length - golden.prefill, manifest.model.vocab_size)
     if (prompts < 1 or golden.logits.shape != expected or golden.greedy_tokens.shape[0] != prompts
             or golden.greedy_tokens.shape[1] < 1 or not 0 < golden.prefill < length):
         raise GoldenError(f"{path}: inconsistent golden arrays (input_ids {golden.input_ids.shape}, prefill "
                           f"{golden.prefill}, logits {golden.logits.shape}, expected {expected}, greedy_tokens "
                           f"{golden.greedy_tokens.shape})")
-    vocabulary = manifest["model"]["vocab_size"]
+    vocabulary = manifest.model.vocab_size
     for key in ("input_ids", "greedy_tokens"):
         if arrays[key].min() < 0 or arrays[key].max() >= vocabulary:
             raise GoldenError(f"{path}: {key} holds token ids outside the vocabulary (0 to {vocabulary - 1})")
@@ -113,16 +113,16 @@ def read_golden(folder: str | Path, manifest: dict) -> Golden:
     return golden
 
 
-def token_room(manifest: dict) -> int:
+def token_room(manifest: Manifest) -> int:
     """How many tokens one sequence may feed this folder's graph (cache capacity, position table)."""
-    kv = manifest["kv_cache"]
-    limits = [kv["max_positions"]] if kv.get("max_positions") is not None else []
-    if not kv["ring"]:
-        limits.append(cache_tokens(kv))
+    kv = manifest.kv_cache
+    limits = [kv.max_positions] if kv.max_positions is not None else []
+    if not kv.ring:
+        limits.append(kv.cache_tokens)
     return min(limits) if limits else 2**62
 
 
-def check_room(manifest: dict, prefill: int, steps: int, greedy: int) -> None:
+def check_room(manifest: Manifest, prefill: int, steps: int, greedy: int) -> None:
     """Refuse lengths the folder cannot run, naming the options to change."""
     room, needed = token_room(manifest), prefill + max(steps, greedy - 1)
     if needed > room:

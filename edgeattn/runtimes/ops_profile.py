@@ -31,7 +31,7 @@ class ProfilingSession:
         options = self._original.get_session_options()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(self._folder.name) / "ort")
-        path = self.lm.folder / self.lm.manifest["files"]["model"]
+        path = self.lm.folder / self.lm.manifest.files.model
         self.lm.session = ort.InferenceSession(str(path), options, providers=self._original.get_providers())
         return self
 

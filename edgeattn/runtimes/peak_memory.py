@@ -57,7 +57,7 @@ def _main(folder: str, provider: str, threads: str, tokens: str, decode_steps: s
     from edgeattn.runtimes.session import EdgeLM
 
     lm = EdgeLM.load(folder, provider=provider, threads=int(threads))
-    token = fill_cache(lm, int(tokens), lm.manifest["model"]["vocab_size"], np.random.default_rng(0))
+    token = fill_cache(lm, int(tokens), lm.manifest.model.vocab_size, np.random.default_rng(0))
     for _ in range(int(decode_steps)):
         token, _ = decode_step(lm, token)
     print(json.dumps({"peak_rss_bytes": process_peak_bytes()}))

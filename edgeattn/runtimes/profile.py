@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import datetime
 import functools
+import logging
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ import onnxruntime as ort
 
 from edgeattn import __version__
 from edgeattn.errors import InvalidOptionError
+from edgeattn.progress import Progress
 from edgeattn.runtimes import roofline
 from edgeattn.runtimes.bandwidth import measure_read_bandwidth
 from edgeattn.runtimes.decode_steps import FILL_CHUNK, decode_step, fill_cache, ms_since
@@ -61,6 +62,7 @@ DEFAULT_PROMPT_LENGTHS = (128, 512)
 MAX_LOAD_REPEATS = 5  # loading is slow and steady; more samples add little
 OPS_TOP = 10
 SEED = 0
+_log = logging.getLogger(__name__)
 SETTLE_WINDOW_S = 0.005  # interleaved runs: a window in which the process must use
 SETTLE_IDLE_CPU_S = 0.0005  # less CPU than this (10% of a core) to count as idle,
 SETTLE_MAX_S = 0.25  # waiting at most this long
@@ -137,16 +139,17 @@ def folder_candidate(folder: str | Path, name: str, provider: str, threads: int)
     """An edgeattn output folder, described by its manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    kv = manifest["kv_cache"]
+    kv = manifest.kv_cache
     info = {
-        "folder": str(folder), "source": manifest.get("source", {}).get("model"), "spec": manifest.get("spec", {}),
-        "weights": manifest.get("weights", {}).get("dtype"),
-        "lowering": sorted(set(manifest.get("lowering", {}).get("per_layer", []))),
+        "folder": str(folder), "source": manifest.source.model, "spec": manifest.spec,
+        "weights": manifest.weights.dtype,
+        "lowering": sorted(set(manifest.lowering.per_layer or [])) if manifest.lowering else [],
         "disk_bytes": roofline.folder_bytes(folder), "weights_bytes": roofline.weights_bytes(folder, manifest),
-        "vocab_size": manifest["model"]["vocab_size"], "max_length": manifest["model"]["max_length"],
-        "kv_cache": {"codec": kv.get("codec"), "bytes_per_token": kv["bytes_per_token"], "capacity": kv["capacity"],
-                     "ring": kv["ring"], "growing": bool(kv.get("growing", False)), "max_positions": kv.get("max_positions"),
-                     **{key: kv[key] for key in ("tokens", "keys_read", "summary_rows") if key in kv}},
+        "vocab_size": manifest.model.vocab_size, "max_length": manifest.model.max_length,
+        "kv_cache": {"codec": kv.codec, "bytes_per_token": kv.bytes_per_token, "capacity": kv.capacity,
+                     "ring": kv.ring, "growing": bool(kv.growing), "max_positions": kv.max_positions,
+                     **{key: getattr(kv, key) for key in ("tokens", "keys_read", "summary_rows")
+                        if getattr(kv, key) is not None}},
     }
     return Candidate(name, lambda: EdgeLM.load(folder, provider=provider, threads=threads), info,
                      lambda tokens, steps: measure_peak_rss(folder, provider, threads, tokens, steps))
@@ -174,7 +177,7 @@ class _Model:
 class _Progress:
     """Numbered steps for a progress callback; remembers the step a Ctrl-C interrupted."""
 
-    def __init__(self, callback: Callable[[str], None] | None, total: int) -> None:
+    def __init__(self, callback: Progress | None, total: int) -> None:
         self.callback, self.total, self.done, self.label = callback, total, 0, "starting"
 
     def step(self, label: str) -> None:
@@ -184,7 +187,7 @@ class _Progress:
             self.callback(f"[{self.done}/{self.total}] {label}")
 
 
-def profile(folders: list[str | Path], options: ProfileOptions, progress: Callable[[str], None] | None = None,
+def profile(folders: list[str | Path], options: ProfileOptions, progress: Progress | None = None,
             names: list[str] | None = None) -> dict:
     """Measure edgeattn output ``folders``; returns the report (see docs/profile.md for its schema)."""
     if not folders:
@@ -199,7 +202,7 @@ def profile(folders: list[str | Path], options: ProfileOptions, progress: Callab
 
 
 def profile_candidates(candidates: list[Candidate], options: ProfileOptions,
-                       progress: Callable[[str], None] | None = None) -> dict:
+                       progress: Progress | None = None) -> dict:
     """Measure ``candidates`` interleaved in one run (see the module docstring)."""
     if not candidates:
         raise InvalidOptionError("nothing to profile")
@@ -430,8 +433,7 @@ def _available_provider(provider: str) -> str:
     """"cuda" without a CUDA build of onnxruntime runs on CPU (said once here, not at every load)."""
     if PROVIDERS[provider] in ort.get_available_providers():
         return provider
-    print(f"edgeattn: {PROVIDERS[provider]} is not available in this onnxruntime build; profiling on CPU",
-          file=sys.stderr)
+    _log.warning("%s is not available in this onnxruntime build; profiling on CPU", PROVIDERS[provider])
     return "cpu"
 
 

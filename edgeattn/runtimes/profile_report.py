@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 
 from edgeattn.errors import EdgeattnError
-from edgeattn.runtimes.manifest import cache_tokens
 from edgeattn.runtimes.output_folder import atomic_file, write_text_atomically
-from edgeattn.runtimes.roofline import human_bytes
+from edgeattn.runtimes.roofline import cache_tokens, human_bytes
 
 SCHEMA_PATH = Path(__file__).with_name("profile.schema.json")  # the JSON Schema of write_json's output
 PROJECTION_NOTE = ("target columns are a PROJECTION, not a measurement: the bytes each token reads "

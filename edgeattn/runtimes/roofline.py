@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.runtimes.manifest import cache_tokens
+from edgeattn.runtimes.manifest import Manifest
 from edgeattn.runtimes.targets import Target
 
 
@@ -22,15 +22,23 @@ class TargetMemoryError(EdgeattnError, ValueError):
     """A model plus its KV cache at the requested length does not fit the target's memory budget."""
 
 
-def weights_bytes(folder: Path, manifest: dict) -> int:
+def weights_bytes(folder: Path, manifest: Manifest) -> int:
     """Bytes of the model file and its external data (files named after it, as ONNX saves them)."""
-    model = manifest["files"]["model"]
+    model = manifest.files.model
     return sum(path.stat().st_size for path in Path(folder).iterdir() if path.is_file() and path.name.startswith(model))
 
 
 def folder_bytes(folder: Path) -> int:
     """Everything a device must hold on disk: the whole output folder."""
     return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def cache_tokens(kv: dict) -> int:
+    """Tokens the KV cache of a profile entry holds: its ``capacity`` rows, less rows that hold other state.
+
+    Profile entries describe baselines too, which have no manifest, so this reads the entry's ``kv_cache``
+    (the manifest's keys; for a folder, ``KVCacheInfo.cache_tokens`` says the same)."""
+    return kv.get("tokens", kv["capacity"])
 
 
 def context_limit(kv: dict) -> tuple[int | None, str]:

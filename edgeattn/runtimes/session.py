@@ -8,7 +8,7 @@ cache: the fused attention op writes the new tokens in place.
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +19,10 @@ from tokenizers import Tokenizer
 from edgeattn.errors import EdgeattnError, InvalidOptionError
 from edgeattn.runtimes.chat import apply_chat_format
 from edgeattn.runtimes.folder_checks import check_graph, load_tokenizer
-from edgeattn.runtimes.manifest import cache_tokens, read_manifest, verify_files
+from edgeattn.runtimes.manifest import Manifest, read_manifest, verify_files
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_log = logging.getLogger(__name__)
 
 
 class ContextFullError(EdgeattnError, RuntimeError):
@@ -41,28 +42,30 @@ class _LayerCache:
 class EdgeLM:
     """A loaded output folder: tokenizer, onnxruntime session and KV-cache buffers."""
 
-    def __init__(self, folder: Path, manifest: dict, session: ort.InferenceSession, provider: str,
+    def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession, provider: str,
                  tokenizer: Tokenizer) -> None:
         self.folder = folder
         self.manifest = manifest
         self.session = session
         self.provider = provider
         self.tokenizer = tokenizer
-        self.kv = manifest["kv_cache"]
+        self.kv = manifest.kv_cache
         self.length = 0  # tokens in the cache
         self._batch = 0
         self._caches: list[_LayerCache] = []
 
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None,
-             verify: bool = False) -> EdgeLM:
+             verify: bool = False, manifest: Manifest | None = None) -> EdgeLM:
         """Load ``folder`` on ``provider`` ("cpu" or "cuda", falling back to CPU with a message).
 
         The manifest must describe the folder's graph and tokenizer; ``verify`` also checks every
         file against the sha256 the manifest records (reads every byte: seconds for a large model).
+        ``manifest``: run the folder as this one describes it, before it is written (convert checks
+        the folder's numerics first, and writes the manifest last).
         """
         folder = Path(folder)
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder) if manifest is None else manifest
         if verify:
             verify_files(folder, manifest, required=True)
         provider = _usable_provider(provider)
@@ -75,7 +78,7 @@ class EdgeLM:
         options.log_severity_level = 3
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         try:
-            session = ort.InferenceSession(str(folder / manifest["files"]["model"]), options, providers=providers)
+            session = ort.InferenceSession(str(folder / manifest.files.model), options, providers=providers)
         except Exception as error:
             raise RuntimeLoadError(f"{folder}: onnxruntime cannot load the model ({str(error).splitlines()[0]})") from error
         check_graph(folder, manifest, session)
@@ -87,12 +90,12 @@ class EdgeLM:
         """Empty the KV cache (and size it for ``batch`` sequences)."""
         if batch != self._batch:
             device = "cuda" if self.provider == "cuda" else "cpu"
-            shape = (batch, *self.kv["shape_tail"])
-            dtype = np.dtype(self.kv["dtype"])
+            shape = (batch, *self.kv.shape_tail)
+            dtype = np.dtype(self.kv.dtype)
             self._caches = [
                 _LayerCache(ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0),
                             ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0))
-                for _ in range(self.manifest["model"]["num_layers"])
+                for _ in range(self.manifest.model.num_layers)
             ]
             self._batch = batch
         self.length = 0
@@ -110,23 +113,23 @@ class EdgeLM:
         total = self.length + input_ids.shape[1]
         binding.bind_cpu_input("attention_mask", np.ones((input_ids.shape[0], total), dtype=np.int64))
         binding.bind_output("logits")  # first bound output -> first copied output
-        names = self.manifest["io"]["cache_names"]
+        names = self.manifest.io.cache_names
         for index, cache in enumerate(self._caches):
             for kind, value in (("key", cache.key), ("value", cache.value)):
-                binding.bind_ortvalue_input(names["past"].format(layer=index, kind=kind), value)
-                binding.bind_ortvalue_output(names["present"].format(layer=index, kind=kind), value)
+                binding.bind_ortvalue_input(names.past.format(layer=index, kind=kind), value)
+                binding.bind_ortvalue_output(names.present.format(layer=index, kind=kind), value)
         self.session.run_with_iobinding(binding)
         self.length = total
         return binding.get_outputs()[0].numpy()[:, -1].copy()  # logits only (copy_outputs_to_cpu copies the KV too)
 
     def _check_room(self, new_tokens: int) -> None:
         end = self.length + new_tokens
-        tokens = cache_tokens(self.kv)
-        if not self.kv["ring"] and end > tokens:
+        tokens = self.kv.cache_tokens
+        if not self.kv.ring and end > tokens:
             raise ContextFullError(
                 f"KV cache full: {self.length} tokens cached + {new_tokens} new > capacity {tokens} "
                 "(convert with a larger --max-length, or a --window for constant memory)")
-        limit = self.kv.get("max_positions")
+        limit = self.kv.max_positions
         if limit is not None and end > limit:
             raise ContextFullError(f"position {end - 1} is beyond the model's position table ({limit} positions)")
 
@@ -140,21 +143,21 @@ class EdgeLM:
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Format chat ``messages`` with the model's chat format and open the assistant turn."""
-        chat = self.manifest.get("chat_format")
+        chat = self.manifest.chat_format
         if not chat:
             raise InvalidOptionError("this model has no chat template; use a plain prompt")
         return apply_chat_format(chat, messages)
 
     @property
     def stop_token_ids(self) -> list[int]:
-        return list(self.manifest["model"].get("eos_token_ids", []))
+        return list(self.manifest.model.eos_token_ids or [])
 
 
 def _usable_provider(provider: str) -> str:
     if provider not in PROVIDERS:
         raise InvalidOptionError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")
     if PROVIDERS[provider] not in ort.get_available_providers():
-        print(f"edgeattn: {PROVIDERS[provider]} is not available in this onnxruntime build "
-              f"({', '.join(ort.get_available_providers())}); falling back to CPU", file=sys.stderr)
+        _log.warning("%s is not available in this onnxruntime build (%s); falling back to CPU",
+                     PROVIDERS[provider], ", ".join(ort.get_available_providers()))
         return "cpu"
     return provider

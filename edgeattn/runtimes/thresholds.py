@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
+from edgeattn.runtimes.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,9 @@ class ThresholdKeyError(EdgeattnError, ValueError):
     """Not a threshold key."""
 
 
-def faithfulness_precision(manifest: dict) -> tuple[str, str, bool]:
+def faithfulness_precision(manifest: Manifest) -> tuple[str, str, bool]:
     """(weights, KV cache, ring buffer) of a folder: what its faithfulness defaults depend on."""
-    return manifest["weights"]["dtype"], manifest["kv_cache"]["codec"], bool(manifest["kv_cache"]["ring"])
+    return manifest.weights.dtype, manifest.kv_cache.codec, manifest.kv_cache.ring
 
 
 def default_bounds(weights: str, kv_cache: str, ring: bool, user: dict[str, float]) -> dict[str, tuple[float, str]]:

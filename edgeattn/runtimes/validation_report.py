@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from edgeattn import __version__
+from edgeattn.runtimes.manifest import Manifest
 from edgeattn.runtimes.output_folder import write_text_atomically
 from edgeattn.runtimes.thresholds import check
 
@@ -34,14 +35,14 @@ def comparison(name: str, reference: str, candidate: str, metrics: dict, bounds:
     }
 
 
-def build_report(mode: str, folder: Path, manifest: dict, settings: dict, comparisons: list[dict],
+def build_report(mode: str, folder: Path, manifest: Manifest, settings: dict, comparisons: list[dict],
                  started: float, extra: dict | None = None) -> dict:
     failures = [f"{c['name']}: {check['message']}" for c in comparisons for check in c["checks"] if not check["passed"]]
     return _json_safe({
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "edgeattn_version": __version__,
         "mode": mode, "folder": str(folder),
-        "model": {"source": manifest["source"]["model"], "weights": manifest["weights"]["dtype"],
-                  "kv_cache": manifest["kv_cache"]["codec"], "spec": manifest["spec"]},
+        "model": {"source": manifest.source.model, "weights": manifest.weights.dtype,
+                  "kv_cache": manifest.kv_cache.codec, "spec": manifest.spec},
         "settings": settings,
         **(extra or {}),
         "comparisons": comparisons,
@@ -89,6 +90,46 @@ def junit_xml(report: dict) -> str:
 
 def write_junit(report: dict, path: str | Path) -> None:
     write_text_atomically(path, junit_xml(report))
+
+
+def render_text(report: dict) -> str:
+    """The report as ``validate`` prints it: a plain table (no rich: golden mode runs where only the runtime
+    is installed), first differing tokens, failures and the verdict."""
+    lines = []
+    settings, model = report["settings"], report["model"]
+    lines.append(f"{report['folder']}: {model['source']}, {model['weights']} weights, {model['kv_cache']} KV cache; "
+                 f"{settings['prompts']} prompts x (prefill {settings['prefill']} + {settings['steps']} steps), "
+                 f"{settings['greedy_tokens']} greedy tokens")
+    comparisons = report["comparisons"]
+    metrics = [name for name, value in comparisons[0]["metrics"].items() if not isinstance(value, list)]
+    metrics += [name for c in comparisons for name in c["metrics"] if name not in metrics and name != "first_difference"]
+    rows = [["metric", *(c["name"] for c in comparisons)]]
+    for metric in metrics:
+        row = [metric]
+        for c in comparisons:
+            value = c["metrics"].get(metric)
+            cell = "" if value is None and metric not in c["metrics"] else "nan/inf" if value is None else f"{value:.4g}"
+            for result in (k for k in c["checks"] if k["metric"] == metric):
+                cell += f" {'ok' if result['passed'] else 'FAIL'}({result['op']}{result['bound']:g})"
+            row.append(cell)
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for c in comparisons:
+        firsts = c["metrics"].get("first_difference")
+        if firsts and any(first is not None for first in firsts):
+            lines.append(f"{c['name']}: first differing greedy token per prompt: "
+                         + ", ".join("none" if first is None else str(first) for first in firsts))
+    rebuilt = report.get("reference_check")
+    if rebuilt:
+        lines.append(f"reference: the rebuilt rewritten model matches golden.npz (max-abs "
+                     f"{rebuilt['metrics']['max_abs_error']:.3g}, KL {rebuilt['metrics']['kl_mean']:.3g})")
+    for failure in report["failures"]:
+        lines.append(f"FAIL {failure}")
+    verdict = "passed" if report["passed"] else f"{len(report['failures'])} threshold(s) failed"
+    lines.append(f"validate: {verdict} (exit {report['exit_code']}, {report['elapsed_s']} s)")
+    return "\n".join(lines)
 
 
 def _json_safe(value):
