@@ -11,8 +11,15 @@ import click
 from click.core import ParameterSource
 
 from edgeattn import __version__
-from edgeattn.choices import ATTENTION_OPS, BLOCK_SELECTS, GQA_METHODS, KV_CACHE_PRECISIONS, KV_QUANT_MODES, WEIGHTS_PRECISIONS
-from edgeattn.runtimes.session import PROVIDERS
+from edgeattn.choices import (
+    ATTENTION_OPS,
+    BLOCK_SELECTS,
+    GQA_METHODS,
+    KV_CACHE_PRECISIONS,
+    KV_QUANT_MODES,
+    PROVIDERS,
+    WEIGHTS_PRECISIONS,
+)
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -177,6 +184,8 @@ def main(verbose: bool) -> None:
     library = logging.getLogger("edgeattn")
     if not any(isinstance(handler, _EchoHandler) for handler in library.handlers):
         library.addHandler(_EchoHandler())
+    # Shown once, by the handler above: onnxruntime's quantizer configures the root logger when imported.
+    library.propagate = False
 
 
 @main.command()
@@ -244,7 +253,7 @@ def quality(model, text_path, calibration_text, context, max_windows, as_json, *
 @click.option("--attention-op", type=click.Choice(ATTENTION_OPS), default="auto", show_default=True)
 @click.option("--max-length", type=int, help="KV-cache capacity in tokens (full caches). "
               "[default: 2048, or the model's position limit when smaller]")
-@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True)
 @click.option("--calibration-text", type=click.Path(dir_okay=False), callback=_text_file,
               help="Text for calibrated steps (default: packaged text).")
 @click.option("--recipe", type=click.Path(dir_okay=False), callback=_text_file,
@@ -299,7 +308,7 @@ def _with_progress(work, quiet: bool):
 @click.argument("folder", type=click.Path())
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, callback=_at_least(1))
-@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True)
 @click.option("--threads", type=int, callback=_thread_count,
               help="onnxruntime intra-op threads, 1 to the core count (default: onnxruntime's choice).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -358,7 +367,7 @@ def _print_generation(lm, result, as_json: bool) -> None:
 
 @main.command()
 @click.argument("folders", nargs=-1, required=True, type=click.Path())
-@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True)
 @click.option("--threads", type=int, callback=_thread_count,
               help="onnxruntime intra-op threads, 1 to the core count (default: the target's, else all cores).")
 @click.option("--prompt-lengths", default="128,512", show_default=True, help="Prompt lengths for time to first token.")
@@ -452,7 +461,7 @@ def _threshold_options(command):
 @click.argument("folder", type=click.Path())
 @click.option("--reference", help="The original model (default: the source recorded in FOLDER's manifest).")
 @click.option("--golden", is_flag=True, help="Check against FOLDER's golden.npz only: no PyTorch needed (phones, boards).")
-@click.option("--provider", "providers", multiple=True, type=click.Choice(list(PROVIDERS)),
+@click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDERS),
               help="onnxruntime provider (default: cpu); repeat it to compare providers with each other too.")
 @click.option("--text", type=click.Path(dir_okay=False), callback=_text_file,
               help="Text to compare on (default: packaged calibration text).")

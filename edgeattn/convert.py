@@ -28,7 +28,6 @@ from edgeattn import __version__
 from edgeattn.choices import ATTENTION_OPS, AttentionOp, Provider, WeightsPrecision
 from edgeattn.errors import InvalidOptionError
 from edgeattn.evaluation.calibration import calibration_ids
-from edgeattn.evaluation.quality_report import summarize
 from edgeattn.evaluation.validate import GOLDEN_STEP, calibration_record, write_convert_golden
 from edgeattn.exporters.chat_template import flatten_chat_template
 from edgeattn.exporters.checks import check_graph, fused_op_name
@@ -126,7 +125,7 @@ def convert(options: ConvertOptions, progress: Progress = lambda step, done=None
         files = FilesInfo(model=MODEL_FILE, tokenizer=TOKENIZER_FILE, tokenizer_config=tokenizer_config,
                           chat_template=CHAT_TEMPLATE_FILE if model.chat_template else None,
                           golden=write_convert_golden(staging, decoder, model.tokenizer, options.max_length))
-        manifest = _manifest(model, decoder, options, choice, norm_fusion, histogram, files, summarize(report))
+        manifest = _manifest(model, decoder, options, choice, norm_fusion, histogram, files, report.summary())
         progress("checking the export against PyTorch")
         numerics = {"export": _check_export(*_compare(staging, manifest, decoder, model, options), options)}
         weights = manifest.weights

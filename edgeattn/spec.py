@@ -117,7 +117,12 @@ class AttentionSpec:
         return self == AttentionSpec()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a manifest's ``spec`` records them; ``block_select`` only when not the default, so that
+        folders which do not use it stay readable by an edgeattn from before it existed."""
+        fields = dataclasses.asdict(self)
+        if self.block_select == "query-head":
+            del fields["block_select"]
+        return fields
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttentionSpec:

@@ -85,6 +85,13 @@ def test_batched_chunks_on_a_wrapped_ring(case):
     assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
 
 
+def test_batched_chunks_with_blocks_chosen_per_kv_head(case):
+    folder, decoder, _ = case("hierarchical-kv-head-int8")
+    chunks = [random_ids(2, 30, 3)] + [None] * 12 + [random_ids(2, 9, 4)]
+    worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH, batch=2)
+    assert worst < ONNX_VS_TORCH and torch_tokens == ort_tokens
+
+
 def test_ring_generates_past_max_length(case):
     folder, decoder, lowerings = case("ring")
     assert lowerings[0].cache_layout().max_positions is None  # RoPE positions are reassigned in the ring

@@ -76,8 +76,9 @@ def test_hierarchical_matches_pytorch(hierarchical, name):
     assert vs_full > SPARSE_VS_FULL
 
 
-def test_hierarchical_batch_of_two_matches_pytorch(hierarchical):
-    family, spec = CASES["llama-sinks-window"]
+@pytest.mark.parametrize("name", ["llama-sinks-window", "llama-kv-head"])
+def test_hierarchical_batch_of_two_matches_pytorch(hierarchical, name):
+    family, spec = CASES[name]
     folder, decoder, _ = hierarchical(family, spec)
     chunks = [random_ids(2, 30, 3)] + [None] * 12 + [random_ids(2, 9, 4)]
     worst, torch_tokens, ort_tokens = compare(folder, decoder, chunks, MAX_LENGTH, batch=2)

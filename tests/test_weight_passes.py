@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeattn.errors import InvalidOptionError
 from edgeattn.exporters.norms import SKIP_DOMAIN, SKIP_OP, drop_unused_skip_norm_outputs
 from edgeattn.exporters.weights import quantize_weights
 
@@ -151,7 +152,7 @@ def test_a_precision_with_nothing_to_convert_is_refused(tmp_path, weights):
           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
            helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 4])],
           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [], path)
-    with pytest.raises(RuntimeError, match=f"--weights {weights}: the graph has no weight to convert"):
+    with pytest.raises(InvalidOptionError, match=f"--weights {weights}: the model has no weight large enough"):
         quantize_weights(path, weights)
 
 

@@ -8,17 +8,8 @@ from edgeattn.evaluation.calibration import calibration_ids, default_evaluation_
 from edgeattn.evaluation.perplexity import check_windows, choose_windows, perplexity, text_ids
 from edgeattn.models import load
 from edgeattn.progress import Progress, report, reports_progress
-from edgeattn.rewrites import RewriteReport, rewrite
+from edgeattn.rewrites import rewrite
 from edgeattn.spec import AttentionSpec
-
-
-def summarize(report: RewriteReport) -> list[str]:
-    """One line per distinct change, with how many layers it touched."""
-    counts: dict[str, int] = {}
-    for change in report.changes:
-        key = f"{change.rewrite}: {change.change}"
-        counts[key] = counts.get(key, 0) + 1
-    return [f"{line} [{count} layers]" for line, count in counts.items()]
 
 
 @reports_progress
@@ -56,7 +47,7 @@ def quality_report(model_name: str, spec: AttentionSpec, *, text_path=None, cali
         "original": {"ppl": original.ppl, "kv_bytes_per_token": original_kv},
         "rewritten": {"ppl": after.ppl, "kv_bytes_per_token": rewritten_model.kv_bytes_per_token()},
         "ppl_delta_relative": after.ppl / original.ppl - 1.0,
-        "rewrites": summarize(changes),
+        "rewrites": changes.summary(),
     }
 
 

@@ -263,7 +263,7 @@ def _calibration_text(manifest: Manifest, spec: AttentionSpec, override: Path | 
     if not _needs_calibration(spec):
         return override
     record = manifest.calibration
-    if not record:
+    if record is None or record.text is None or record.sha256 is None:
         if override is not None:
             return override
         raise ValidateError("the manifest does not record which calibration text convert used "

@@ -2,7 +2,7 @@
 function that the exporter inlines: standard ops only, one ``If`` per layer.
 
 Dimension legend: B batch, H query heads, Hkv kv heads, R = H / Hkv, L new tokens, D head dim, S sinks,
-W local window, bs block size, NB blocks, C = NB * bs token rows, K blocks selected per query head,
+W local window, bs block size, NB blocks, C = NB * bs token rows, K blocks selected per query head (or per kv head),
 P cached tokens before this step, T = P + L.
 
 Decode reads only what it selects: the block summaries (NB rows), the sinks, the local window and the K

@@ -71,7 +71,8 @@ def quantize_weights(path: Path, weights: str, block_size: int = DEFAULT_BLOCK_S
     else:
         model, converted, record = _integer_weights(model, path.parent, weights, block_size, gguf)
     if not converted and weights != "source":
-        raise RuntimeError(f"--weights {weights}: the graph has no weight to convert")
+        raise InvalidOptionError(f"--weights {weights}: the model has no weight large enough to store in {weights}; "
+                                 "keep --weights fp32")
     # What is still mapped from the data file is read first: the save replaces that file.
     ir.save(ir.external_data.load_to_model(model), path, external_data=path.name + ".data",
             size_threshold_bytes=_INLINE_BYTES)

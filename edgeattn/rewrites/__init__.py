@@ -39,6 +39,14 @@ class RewriteReport:
     def applied(self) -> list[str]:
         return list(dict.fromkeys(change.rewrite for change in self.changes))
 
+    def summary(self) -> list[str]:
+        """One line per distinct change, with how many layers it touched."""
+        counts: dict[str, int] = {}
+        for change in self.changes:
+            key = f"{change.rewrite}: {change.change}"
+            counts[key] = counts.get(key, 0) + 1
+        return [f"{line} [{count} layers]" for line, count in counts.items()]
+
     def by_layer(self) -> dict[int, list[str]]:
         layers: dict[int, list[str]] = {}
         for change in self.changes:

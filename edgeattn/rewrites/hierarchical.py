@@ -18,8 +18,8 @@ def enable_hierarchical(model, spec: AttentionSpec, calibration=None) -> list[La
         attn.visibility = HierarchicalVisibility(
             spec.block_size, spec.top_blocks, spec.local_window, spec.sinks, spec.block_mass, spec.block_select)
         mass = f", mass {spec.block_mass}" if spec.block_mass is not None else ""
-        chooser = spec.block_select.replace("-", " ")
-        return (f"blocks of {spec.block_size}, top {spec.top_blocks} per {chooser}{mass}, "
+        shared = " shared per kv head" if spec.block_select == "kv-head" else ""
+        return (f"blocks of {spec.block_size}, top {spec.top_blocks}{shared}{mass}, "
                 f"local window {spec.local_window}, {spec.sinks} sinks")
 
     return for_each_attention(model, NAME, change)

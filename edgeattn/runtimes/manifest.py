@@ -7,8 +7,9 @@ its folder, and ``sha256`` (written by convert, optional for older folders) lets
 ``verify_files`` prove that the files are the ones convert wrote.
 
 ``Manifest`` and its parts are the format, documented key by key: one dataclass per JSON
-object, one attribute per key. ``Manifest.from_dict(d).to_dict() == d`` for every manifest
-the schema accepts, so older and newer folders load and are written back unchanged.
+object, one attribute per key. ``Manifest.from_dict(d).to_dict() == d`` for every manifest convert
+writes, older ones included; keys this edgeattn does not know are kept and written back after
+the known ones (a null under a key that is never null, or another key order, is not preserved).
 """
 
 from __future__ import annotations
