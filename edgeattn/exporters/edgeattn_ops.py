@@ -62,8 +62,7 @@ class EdgeattnLowering(LoweringBase):
     opset = edgeattn_functions.OPSET  # the bodies' default opset, which must be the model's
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
-        super().__init__()
-        self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        super().__init__(attn)
         codec = attn.codec
         self.kv_cache = codec.dtype
         self.kv_quant = codec.mode if codec.quantized else "none"

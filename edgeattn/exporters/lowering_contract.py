@@ -95,10 +95,15 @@ class AttentionLowering(Protocol):
 
 
 class LoweringBase(nn.Module):
-    """The optional members' defaults: a standard-domain node, no functions, no per-step tensors."""
+    """The attention shapes every lowering reads, and the optional members' defaults: a standard-domain node,
+    no functions, no per-step tensors."""
 
     domain = ""
     inline_functions = False
+
+    def __init__(self, attn) -> None:
+        super().__init__()
+        self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
 
     def functions(self) -> list[onnx.FunctionProto]:
         return []

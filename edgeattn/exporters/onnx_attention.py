@@ -83,8 +83,7 @@ class FullCacheLowering(LoweringBase):
     opset = OPSET
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
-        super().__init__()
-        self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        super().__init__(attn)
         self.capacity = max_length
         self.cache_dtype = _CACHE_DTYPES[attn.codec.dtype]
         self.has_rotary = attn.rotary is not None

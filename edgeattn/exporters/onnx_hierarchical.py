@@ -67,11 +67,10 @@ class HierarchicalAttentionLowering(LoweringBase):
     inline_functions = True
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
-        super().__init__()
+        super().__init__(attn)
         if attn.codec.dtype != "fp32":
             raise ValueError(f"the hierarchical onnx lowering keeps an fp32 cache, not {attn.codec.dtype}")
         visibility = attn.visibility
-        self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.block_size, self.top_blocks, self.block_mass = visibility.block_size, visibility.top_blocks, visibility.block_mass
         self.sinks = visibility.sinks
         self.shared = visibility.select == "kv-head"  # blocks chosen once per kv head for its query heads

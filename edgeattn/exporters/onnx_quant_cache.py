@@ -37,13 +37,12 @@ class QuantCacheLowering(LoweringBase):
     inline_functions = True
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
-        super().__init__()
+        super().__init__(attn)
         codec = attn.codec
         if not codec.quantized:
             raise ValueError(f"a {codec.dtype} cache needs no codec functions (FullCacheLowering)")
         if codec.dtype == "int4" and attn.head_dim % 2:
             raise ValueError(f"an int4 KV cache packs two codes per byte: head_dim {attn.head_dim} is odd")
-        self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.capacity = max_length
         self.kv_cache, self.kv_quant = codec.dtype, codec.mode
         self.dtype = torch.int8 if codec.dtype == "int8" and codec.mode == "per-channel" else torch.uint8

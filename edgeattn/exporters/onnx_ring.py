@@ -98,10 +98,9 @@ class RingAttentionLowering(LoweringBase):
     inline_functions = True
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
-        super().__init__()
+        super().__init__(attn)
         if attn.codec.dtype != "fp32":
             raise ValueError(f"the in-place ring keeps fp32 keys, not {attn.codec.dtype}")
-        self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.window, self.sinks = attn.visibility.window, attn.visibility.sinks
         self.ring_slots = self.sinks + self.window
         self.slots = self.ring_slots + self.sinks
@@ -199,8 +198,7 @@ class CodecRingLowering(LoweringBase):
     inline_functions = True
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
-        super().__init__()
-        self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        super().__init__(attn)
         self.window, self.sinks = attn.visibility.window, attn.visibility.sinks
         self.ring_slots = self.sinks + self.window
         self.max_length = max_length

@@ -63,8 +63,7 @@ class GroupQueryAttentionLowering(LoweringBase):
     opset = 23
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
-        super().__init__()
-        self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        super().__init__(attn)
         self.window = spec.window
         self.codec_bits = attn.codec.bits if attn.codec.quantized else None
         self.capacity = spec.window if spec.window is not None else max_length
