@@ -11,7 +11,7 @@ spec that merges kv heads and does more (``combo``) starts from the merged model
 GQA part, so calibrated MQA and its distillation run once.
 
     python benchmarks/quality.py                      # all variants, contexts 512 and 2048
-    python benchmarks/quality.py --variants original,combo --tokens 4096 --uptrain-steps 0
+    python benchmarks/quality.py --variants original,combo --tokens 4096 --uptrain-minutes 2
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from edgeattn.evaluation.calibration import DEFAULT_CALIBRATION_TOKENS, calibration_ids, wikitext_path
+from edgeattn.evaluation.calibration import DEFAULT_CALIBRATION_TOKENS, GQA_CALIBRATION_TOKENS, calibration_ids, wikitext_path
 from edgeattn.evaluation.perplexity import perplexity, text_ids
 from edgeattn.models import load
 from edgeattn.rewrites import gqa_calibration, rewrite
@@ -41,8 +41,13 @@ HIERARCHICAL_BLOCK = 8
 HIERARCHICAL_TOP = 60
 HIERARCHICAL_WINDOW = 32
 HIERARCHICAL_SINKS = 4
-# Distillation of calibrated MQA: 240 steps of 512 tokens, ~10 min on 2 unloaded CPU cores.
-UPTRAIN_STEPS = 240
+# Distillation budgets of calibrated MQA (minutes on this machine, 2048-token sequences): mqa-calibrated
+# distils for the middle one; its -Nmin variants draw the curve of perplexity against the budget.
+UPTRAIN_MINUTES = (5, 10, 30)
+UPTRAIN_DEFAULT_MINUTES = 10
+# KIVI's residual window for the int4 per-token cache: measured at 2048 on 3 windows, 32 / 64 / 128 recent
+# tokens at full precision cost +1.40% / +1.13% / +0.84% (none: +4.70%); 32 costs 1.5 MB on SmolLM2.
+KV_RESIDUAL = 32
 
 
 def hierarchical_spec(context: int) -> AttentionSpec:
@@ -67,13 +72,16 @@ def kept_fraction(spec: AttentionSpec, context: int) -> float:
     return min(1.0, kept / context)
 
 
-def variants(uptrain_steps: int) -> dict:
+def variants(uptrain_minutes: float) -> dict:
     """name -> (context -> AttentionSpec)."""
-    mqa = AttentionSpec(kv_heads=1, uptrain_steps=uptrain_steps)
+    mqa = AttentionSpec(kv_heads=1, uptrain_minutes=uptrain_minutes)
+    budgets = {f"mqa-calibrated-{minutes}min": AttentionSpec(kv_heads=1, uptrain_minutes=minutes)
+               for minutes in UPTRAIN_MINUTES if minutes != uptrain_minutes}
     return {
         "original": lambda context: AttentionSpec(),
         "mqa-mean": lambda context: AttentionSpec(kv_heads=1, gqa_method="mean"),
         "mqa-calibrated": lambda context: mqa,
+        **{name: (lambda context, spec=spec: spec) for name, spec in budgets.items()},
         "window512": lambda context: AttentionSpec(window=512),
         "window512-sinks4": lambda context: AttentionSpec(window=512, sinks=4),
         "hierarchical": hierarchical_spec,
@@ -82,6 +90,8 @@ def variants(uptrain_steps: int) -> dict:
         "kv-int4-channel": lambda context: AttentionSpec(kv_cache="int4"),
         "kv-int8-token": lambda context: AttentionSpec(kv_cache="int8", kv_quant="per-token"),
         "kv-int4-token": lambda context: AttentionSpec(kv_cache="int4", kv_quant="per-token"),
+        "kv-int4-token-r32": lambda context: AttentionSpec(kv_cache="int4", kv_quant="per-token",
+                                                           kv_residual=KV_RESIDUAL),
         "combo": lambda context: dataclasses.replace(mqa, window=512, sinks=4, kv_cache="int8"),
     }
 
@@ -99,9 +109,9 @@ TARGETS = [
     ("kv-int4-channel", 2048, 0.03,
      "static per-channel scales are fixed at calibration: 16 levels per channel cannot follow "
      "the token-to-token spread of the values; per-token scales (kv-int4-token) do"),
-    ("kv-int4-token", 2048, 0.03,
-     "each token is quantized as it enters the cache (no full-precision recent window as in KIVI), keys "
-     "with one scale per 32 channels of a token, so an outlier channel sets the step of the other 31"),
+    ("kv-int4-token-r32", 2048, 0.03,
+     "the 32 most recent tokens are read at full precision; older keys keep one scale per 32 channels of a "
+     "token, so an outlier channel sets the step of the other 31"),
     ("hierarchical", 2048, 0.02,
      "block selection from per-channel min/max key bounds (Quest) ranks blocks by an upper bound of their "
      "best score, not their attention mass; the coarser the blocks, the more mass the dropped ones hold"),
@@ -132,11 +142,13 @@ def _calibrated_gqa(spec: AttentionSpec) -> bool:
 
 
 def gqa_part(spec: AttentionSpec) -> AttentionSpec:
-    return AttentionSpec(kv_heads=spec.kv_heads, gqa_method=spec.gqa_method, uptrain_steps=spec.uptrain_steps)
+    return AttentionSpec(kv_heads=spec.kv_heads, gqa_method=spec.gqa_method, uptrain_steps=spec.uptrain_steps,
+                         uptrain_minutes=spec.uptrain_minutes)
 
 
-def build(original, spec: AttentionSpec, calibration: Calibration, merged: dict) -> tuple[object, float]:
-    """The model rewritten into ``spec`` and the seconds its rewrite took (a reused GQA part included).
+def build(original, spec: AttentionSpec, calibration: Calibration, merged: dict) -> tuple[object, float, int]:
+    """The model rewritten into ``spec``, the seconds its rewrite took (a reused GQA part included) and the
+    distillation steps it ran.
 
     ``merged`` caches GQA-only models by spec (they are never modified), so a spec with a GQA
     part and more starts from a copy of it.
@@ -146,19 +158,19 @@ def build(original, spec: AttentionSpec, calibration: Calibration, merged: dict)
     base = gqa_part(spec)
     if base not in merged:
         merged[base] = _rewritten(original, base, calibration.for_spec(base))
-    decoder, seconds = merged[base]
-    rest = dataclasses.replace(spec, kv_heads=None, gqa_method="calibrated", uptrain_steps=0)
+    decoder, seconds, steps = merged[base]
+    rest = dataclasses.replace(spec, kv_heads=None, gqa_method="calibrated", uptrain_steps=0, uptrain_minutes=None)
     if rest == AttentionSpec():
-        return decoder, seconds
-    decoder, rest_seconds = _rewritten(decoder, rest, calibration.kv)
-    return decoder, seconds + rest_seconds
+        return decoder, seconds, steps
+    decoder, rest_seconds, _ = _rewritten(decoder, rest, calibration.kv)
+    return decoder, seconds + rest_seconds, steps
 
 
-def _rewritten(decoder, spec: AttentionSpec, calibration: torch.Tensor) -> tuple[object, float]:
+def _rewritten(decoder, spec: AttentionSpec, calibration: torch.Tensor) -> tuple[object, float, int]:
     started = time.perf_counter()
     decoder = copy.deepcopy(decoder)
-    rewrite(decoder, spec, calibration)
-    return decoder, time.perf_counter() - started
+    report = rewrite(decoder, spec, calibration)
+    return decoder, time.perf_counter() - started, report.spec.uptrain_steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=16384, help="test tokens scored per context (rounded down to windows)")
     parser.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
                         help="valid.txt tokens for per-channel KV scales")
-    parser.add_argument("--uptrain-steps", type=int, default=UPTRAIN_STEPS, help="distillation steps of calibrated MQA")
+    parser.add_argument("--uptrain-minutes", type=float, default=UPTRAIN_DEFAULT_MINUTES,
+                        help="distillation budget of mqa-calibrated and combo")
     parser.add_argument("--out", default="docs", help="folder for quality.md and quality.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--update", action="store_true",
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print("skipped: WikiText-2 not found in ../shared/data/wikitext-2 (or $EDGEATTN_WIKITEXT_DIR)")
         return 0
     torch.set_num_threads(args.threads)
-    table = variants(args.uptrain_steps)
+    table = variants(args.uptrain_minutes)
     names = list(table) if args.variants == "all" else args.variants.split(",")
     unknown = sorted(set(names) - set(table))
     if unknown:
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load("smollm2")
     ids = text_ids(model.tokenizer, test.read_text(encoding="utf-8"))
-    gqa_tokens = gqa_calibration.FIT_TOKENS + args.uptrain_steps * gqa_calibration.UPTRAIN_WINDOW
+    gqa_tokens = GQA_CALIBRATION_TOKENS
     calibration = Calibration(calibration_ids(model.tokenizer, valid, max_tokens=args.calibration_tokens),
                               calibration_ids(model.tokenizer, valid, max_tokens=gqa_tokens))
     setup = {"model": model.name, "test_tokens": ids.numel(), "tokens_per_context": args.tokens,
@@ -203,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         for context in contexts:
             by_spec.setdefault(table[name](context), []).append(context)
         for spec, spec_contexts in by_spec.items():
-            decoder, seconds = build(model.decoder, spec, calibration, merged)
+            decoder, seconds, uptrain_steps = build(model.decoder, spec, calibration, merged)
             for context in spec_contexts:
                 windows = args.tokens // context
                 with tqdm(total=windows, desc=f"{name} @ {context}", file=sys.stderr) as bar:
@@ -211,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({
                     "variant": name, "context": context, "tokens": result.tokens, "windows": result.windows,
                     "ppl": round(result.ppl, 4), "kv_bytes_per_token": decoder.kv_bytes_per_token(),
-                    "kept_fraction": round(kept_fraction(spec, context), 4), "uptrain_steps": spec.uptrain_steps,
+                    "kept_fraction": round(kept_fraction(spec, context), 4), "uptrain_steps": uptrain_steps,
+                    "uptrain_minutes": spec.uptrain_minutes,
                     "calibration_tokens": calibration.tokens(spec),
                     "spec": spec.to_dict(), "rewrite_seconds": round(seconds, 1),
                 })
@@ -255,9 +269,9 @@ def _markdown(rows: list[dict], setup: dict) -> list[str]:
         f"`test.txt` is {setup['test_tokens']} tokens; the first {setup['tokens_per_context']} are scored "
         "per context in non-overlapping windows (the `tokens` column counts scored tokens: context - 1 per window).",
         f"Calibration on `valid.txt`: per-channel KV scales on its first {setup['kv_calibration_tokens']} tokens; "
-        f"calibrated MQA fits on its first {setup['gqa_fit_tokens']} and distils on its first "
-        f"{setup['gqa_calibration_tokens']} (`uptrain` steps of {gqa_calibration.UPTRAIN_WINDOW} tokens). "
-        "KV bytes/token sum all 30 layers.",
+        f"calibrated MQA fits on its first {setup['gqa_fit_tokens']} and distils on up to its first "
+        f"{setup['gqa_calibration_tokens']} (`uptrain`: steps of one {gqa_calibration.UPTRAIN_WINDOW}-token "
+        "sequence, as many as fit in the variant's budget of minutes). KV bytes/token sum all 30 layers.",
         "",
         "| variant | context | tokens | ppl | vs original | kept | KV bytes/token | calibration tokens | uptrain |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -267,6 +281,7 @@ def _markdown(rows: list[dict], setup: dict) -> list[str]:
         lines.append(f"| {row['variant']} | {row['context']} | {row['tokens']} | {row['ppl']:.3f} | "
                      f"{_delta(row, base)} | {100 * row['kept_fraction']:.0f}% | {row['kv_bytes_per_token']} | "
                      f"{row['calibration_tokens']} | {row['uptrain_steps']} |")
+    lines += _distillation_curve(rows, original)
     lines += ["", "## Targets", "", "Perplexity relative to the original at the same context.", "",
               "| variant | context | target | measured | |", "|---|---:|---:|---:|---|"]
     notes = []
@@ -282,6 +297,24 @@ def _markdown(rows: list[dict], setup: dict) -> list[str]:
             notes.append(f"- {variant}: {limit}.")
     if notes:
         lines += ["", "What limits the missed targets:", "", *notes]
+    return lines
+
+
+def _distillation_curve(rows: list[dict], original: dict) -> list[str]:
+    """Calibrated MQA's perplexity against its distillation budget (minutes on this machine)."""
+    budgets = sorted((r for r in rows if r["variant"].startswith("mqa-calibrated") and r.get("uptrain_minutes")),
+                     key=lambda r: (r["context"], r["uptrain_minutes"]))
+    if not budgets:
+        return []
+    lines = ["", "## Calibrated MQA: perplexity against the distillation budget", "",
+             "Each budget is a separate rewrite (closed-form fit, then distillation with a cosine schedule over the "
+             "steps that fit): minutes as given to `--uptrain-minutes`, steps as the rewrite timed them.", "",
+             "| variant | context | minutes | steps | tokens distilled | ppl | vs original |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in budgets:
+        lines.append(f"| {row['variant']} | {row['context']} | {row['uptrain_minutes']:g} | {row['uptrain_steps']} | "
+                     f"{row['uptrain_steps'] * gqa_calibration.UPTRAIN_WINDOW} | {row['ppl']:.3f} | "
+                     f"{_delta(row, original.get(row['context']))} |")
     return lines
 
 

@@ -127,6 +127,9 @@ def spec_options(command):
         click.option("--gqa-method", type=click.Choice(GQA_METHODS), default="calibrated", show_default=True),
         click.option("--uptrain-steps", type=int, default=0, show_default=True,
                      help="Distillation steps after a calibrated merge."),
+        click.option("--uptrain-minutes", type=float,
+                     help="Instead of --uptrain-steps: distil for about this many minutes on this machine (the "
+                          "steps that fit are recorded)."),
         click.option("--window", type=int, help="Sliding window: attend to the last W tokens (ring-buffer cache)."),
         click.option("--sinks", type=int, default=0, show_default=True, help="Always attend to the first S tokens."),
         click.option("--block-size", type=int, help="Hierarchical attention: block size B."),
@@ -137,14 +140,17 @@ def spec_options(command):
                           "(fewer rows read per token)."),
         click.option("--kv-cache", type=click.Choice(KV_CACHE_PRECISIONS), default="fp32", show_default=True),
         click.option("--kv-quant", type=click.Choice(KV_QUANT_MODES), default="per-channel", show_default=True),
+        click.option("--kv-residual", type=int, default=0, show_default=True,
+                     help="With --kv-quant per-token: each token reads its last N tokens at full precision (KIVI's "
+                          "residual window; a constant N-token float32 buffer per layer)."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-SPEC_FIELDS = ("kv_heads", "gqa_method", "uptrain_steps", "window", "sinks", "block_size", "top_blocks",
-               "block_mass", "block_select", "kv_cache", "kv_quant")
+SPEC_FIELDS = ("kv_heads", "gqa_method", "uptrain_steps", "uptrain_minutes", "window", "sinks", "block_size", "top_blocks",
+               "block_mass", "block_select", "kv_cache", "kv_quant", "kv_residual")
 
 
 def _spec_from(kwargs, recipe_spec: dict | None = None):

@@ -27,13 +27,13 @@ import torch
 from edgeattn import __version__
 from edgeattn.choices import ATTENTION_OPS, AttentionOp, Provider, WeightsPrecision
 from edgeattn.errors import InvalidOptionError
-from edgeattn.evaluation.calibration import calibration_ids
+from edgeattn.evaluation.calibration import calibration_ids, calibration_tokens
 from edgeattn.evaluation.validate import GOLDEN_STEP, calibration_record, write_convert_golden
 from edgeattn.exporters.chat_template import flatten_chat_template
 from edgeattn.exporters.checks import check_graph, fused_op_name
 from edgeattn.exporters.export import PAST_NAME, PRESENT_NAME, export_graph, model_opset
 from edgeattn.exporters.genai_config import genai_config
-from edgeattn.exporters.lowering import choose_lowerings
+from edgeattn.exporters.lowering import check_lowering_request, choose_lowerings
 from edgeattn.exporters.norms import choose_norm_fusion
 from edgeattn.exporters.tokenizer_config import write_tokenizer_config
 from edgeattn.exporters.weights import DEFAULT_BLOCK_SIZE, MATMUL_NBITS_BLOCK_SIZES, check_weights_option, quantize_weights
@@ -104,7 +104,9 @@ def convert(options: ConvertOptions, progress: Progress = lambda step, done=None
     model = load(options.model)
     decoder = model.decoder
     options = _resolve_max_length(options, decoder.config, progress)
-    report = rewrite(decoder, options.spec, calibration_ids(model.tokenizer, options.calibration_text))
+    report = rewrite(decoder, options.spec, calibration_ids(model.tokenizer, options.calibration_text,
+                                                            calibration_tokens(options.spec)))
+    options = dataclasses.replace(options, spec=report.spec)  # a distillation budget becomes the steps it ran
     choice = choose_lowerings(decoder, options.spec, options.attention_op, options.provider, options.max_length)
     lowerings = choice.layers
     norm_fusion = choose_norm_fusion(decoder, lowerings)
@@ -155,6 +157,7 @@ def _check_options(options: ConvertOptions) -> None:
                                  f"(the block sizes of onnxruntime's MatMulNBits); got {options.weights_block_size!r}")
     if options.max_length is not None and (_not_whole(options.max_length) or options.max_length < 2):
         raise InvalidOptionError(f"max_length must be a whole number >= 2, got {options.max_length!r}")
+    check_lowering_request(options.spec, options.attention_op, options.provider)
     if options.calibration_text is not None:
         check_text_file(options.calibration_text, "calibration text")
 
@@ -206,15 +209,23 @@ def _manifest(model, decoder, options: ConvertOptions, choice, norm_fusion, hist
                   outputs={"logits": ["batch", 1, config.vocab_size]},
                   cache_names=CacheNames(past=PAST_NAME, present=PRESENT_NAME),
                   shared_past_present_buffer=True),
-        kv_cache=KVCacheInfo.from_dict({**layout, "bytes_per_token": bytes_per_token,
-                                        "bytes_at_capacity": bytes_per_token * layout["capacity"],
+        kv_cache=KVCacheInfo.from_dict({**layout, **_residual(decoder), "bytes_per_token": bytes_per_token,
+                                        "bytes_at_capacity": bytes_per_token * layout["capacity"]
+                                        + decoder.kv_residual_bytes(),
                                         "codec": options.spec.kv_cache, "quant": options.spec.kv_quant}),
         chat_format=flatten_chat_template(model.chat_template, *_special_tokens(model)),
         op_histogram=histogram,
         opset=model_opset(lowerings),
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        calibration=calibration_record(options.calibration_text),  # validate rebuilds the rewrite from it
+        # validate rebuilds the rewrite from it
+        calibration=calibration_record(options.calibration_text, calibration_tokens(options.spec)),
     )
+
+
+def _residual(decoder) -> dict:
+    """The manifest's residual-window entries, when the cache keeps one."""
+    residual = decoder.attentions()[0].codec.residual
+    return {"residual_tokens": residual, "residual_bytes": decoder.kv_residual_bytes()} if residual else {}
 
 
 def _cache_layout(lowerings) -> dict:

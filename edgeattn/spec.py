@@ -35,6 +35,8 @@ class AttentionSpec:
     kv_heads: merge the key/value heads into this many groups (GQA; 1 is MQA).
     gqa_method: ``calibrated`` (activation-aware, RoPE-consistent fit) or ``mean``.
     uptrain_steps: optional distillation steps after a calibrated merge.
+    uptrain_minutes: instead of ``uptrain_steps``, a distillation budget in minutes on this machine: the
+        rewrite times one step and runs as many as fit (``rewrite``'s report records the steps run).
     window / sinks: each query sees the first ``sinks`` tokens and the last
         ``window`` tokens (itself included); the cache is a ring of ``sinks + window``
         slots. With ``block_size`` set, ``window`` is instead the always-attended local
@@ -44,11 +46,14 @@ class AttentionSpec:
         heads of a kv head share one choice, ranked by the largest of their bounds: fewer rows to read).
     kv_cache / kv_quant: storage of the KV cache (int8/int4 with scales per channel,
         static and calibrated, or per token, dynamic).
+    kv_residual: with a per-token int8/int4 cache, each query reads its last ``kv_residual`` tokens at full
+        precision (KIVI's residual window; a constant float32 buffer of that many tokens per layer).
     """
 
     kv_heads: int | None = None
     gqa_method: GqaMethod = "calibrated"
     uptrain_steps: int = 0
+    uptrain_minutes: float | None = None
     window: int | None = None
     sinks: int = 0
     block_size: int | None = None
@@ -57,6 +62,7 @@ class AttentionSpec:
     block_select: BlockSelect = "query-head"
     kv_cache: KVCachePrecision = "fp32"
     kv_quant: KVQuantMode = "per-channel"
+    kv_residual: int = 0
 
     def __post_init__(self) -> None:
         _positive("kv_heads", self.kv_heads)
@@ -69,13 +75,24 @@ class AttentionSpec:
         _choice("kv_quant", self.kv_quant, KV_QUANT_MODES)
         _not_negative("sinks", self.sinks)
         _not_negative("uptrain_steps", self.uptrain_steps)
-        if self.block_mass is not None and (isinstance(self.block_mass, bool)
-                                            or not isinstance(self.block_mass, int | float)):
+        _not_negative("kv_residual", self.kv_residual)
+        if self.kv_residual and not (self.kv_cache in ("int8", "int4") and self.kv_quant == "per-token"):
+            raise SpecError("kv_residual needs kv_cache int8 or int4 with kv_quant per-token (it keeps the recent "
+                            "tokens of a per-token quantized cache at full precision)")
+        if self.kv_residual and (self.window is not None or self.block_size is not None):
+            raise SpecError("kv_residual works with a full KV cache only, not with window or block_size")
+        if self.block_mass is not None and not _number(self.block_mass):
             raise SpecError(f"block_mass must be a number in (0, 1], got {self.block_mass!r}")
-        if self.uptrain_steps and self.gqa_method != "calibrated":
-            raise SpecError("uptrain_steps needs gqa_method='calibrated'")
-        if self.uptrain_steps and self.kv_heads is None:
-            raise SpecError("uptrain_steps needs kv_heads (it distils a merged-head model)")
+        if self.uptrain_minutes is not None and not (
+                _number(self.uptrain_minutes) and 0 < self.uptrain_minutes < float("inf")):
+            raise SpecError(f"uptrain_minutes must be a finite number of minutes > 0, got {self.uptrain_minutes!r}")
+        if self.uptrain_steps and self.uptrain_minutes is not None:
+            raise SpecError("give uptrain_steps or uptrain_minutes, not both")
+        for name in ("uptrain_steps", "uptrain_minutes"):
+            if getattr(self, name) and self.gqa_method != "calibrated":
+                raise SpecError(f"{name} needs gqa_method='calibrated'")
+            if getattr(self, name) and self.kv_heads is None:
+                raise SpecError(f"{name} needs kv_heads (it distils a merged-head model)")
         if self.sinks and self.window is None and self.block_size is None:
             raise SpecError("sinks needs window (or block_size): sinks only matter when old tokens are dropped")
         if (self.top_blocks is not None or self.block_mass is not None) and self.block_size is None:
@@ -117,11 +134,12 @@ class AttentionSpec:
         return self == AttentionSpec()
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a manifest's ``spec`` records them; ``block_select`` only when not the default, so that
-        folders which do not use it stay readable by an edgeattn from before it existed."""
+        """The fields as a manifest's ``spec`` records them; fields added later only when not their default, so
+        that folders which do not use them stay readable by an edgeattn from before they existed."""
         fields = dataclasses.asdict(self)
-        if self.block_select == "query-head":
-            del fields["block_select"]
+        for name, default in _LATER_FIELDS.items():
+            if fields[name] == default:
+                del fields[name]
         return fields
 
     @classmethod
@@ -133,6 +151,14 @@ class AttentionSpec:
         if unknown:
             raise SpecError(f"unknown attention spec keys: {', '.join(unknown)}")
         return cls(**data)
+
+
+_LATER_FIELDS = {"block_select": "query-head", "uptrain_minutes": None, "kv_residual": 0}
+
+
+def _number(value) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _whole(value) -> bool:

@@ -48,14 +48,14 @@ class SharedFolders:
         (folder, decoder, lowerings). Tests share the decoder too: they run it, never change it."""
         key = (family, spec, lowering_for, max_length)
         if key not in self._exported:
-            from edgeattn.evaluation.calibration import calibration_ids
+            from edgeattn.evaluation.calibration import calibration_ids, calibration_tokens
             from edgeattn.models import load
             from edgeattn.rewrites import rewrite
             from tests.minimal_folder import exported_folder
 
             model = load(f"tiny-{family}")
             decoder = model.decoder
-            rewrite(decoder, spec, calibration_ids(model.tokenizer, None))
+            rewrite(decoder, spec, calibration_ids(model.tokenizer, None, calibration_tokens(spec)))
             lowerings = [lowering_for(attention, spec, max_length) for attention in decoder.attentions()]
             folder = exported_folder(self._tmp.mktemp(f"exported-{family}"), decoder, lowerings, model.tokenizer,
                                      max_length)

@@ -49,6 +49,7 @@ def reference_attention(
     kv_mode: str = "per-channel",
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    kv_residual: int = 0,
 ) -> torch.Tensor:
     """q [H, T, D], k, v [Hkv, T, D] (projected, not rotated; positions 0..T-1) -> out [H, T, D].
 
@@ -58,6 +59,7 @@ def reference_attention(
     query is the largest over the query heads of its kv head at that position, so the group keeps
     the same blocks. ``inv_freq`` [D/2]: apply RoPE (None: no positional rotation). ``kv_dtype``
     fp32/fp16/int8/int4, ``kv_mode`` per-channel (needs ``k_scale``/``v_scale`` [Hkv, D]) or per-token.
+    ``kv_residual`` (full causal only): query i reads keys/values j with i - j < kv_residual unquantized.
     """
     heads, length, dim = q.shape
     kv_heads = k.shape[0]
@@ -79,6 +81,8 @@ def reference_attention(
         ])
     else:
         stored_k = k32
+    assert not kv_residual or not (ring or hierarchical), "a residual window is modelled for full caches only"
+    exact_keys, exact_values = stored_k.double(), v32.double()
     stored_k = _fake_quantize(stored_k, "key", kv_dtype, kv_mode, k_scale)
     stored_v = _fake_quantize(v32, "value", kv_dtype, kv_mode, v_scale)
     keys = stored_k.double()
@@ -113,10 +117,10 @@ def reference_attention(
                                if j // block_size in kept or j < sinks or i - j < local_window]
                 else:
                     visible = list(range(i + 1))
-                scores = [float(query @ keys[g, j]) for j in visible]
+                scores = [float(query @ (exact_keys if i - j < kv_residual else keys)[g, j]) for j in visible]
             weights = torch.softmax(torch.tensor(scores, dtype=torch.float64) * scale, dim=0)
             for weight, j in zip(weights, visible):
-                out[h, i] += weight * values[g, j]
+                out[h, i] += weight * (exact_values if i - j < kv_residual else values)[g, j]
     return out.to(q.dtype)
 
 

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgeattn.evaluation.calibration import calibration_ids
+from edgeattn.evaluation.calibration import calibration_ids, calibration_tokens
 from edgeattn.exporters.checks import GraphCheckError, check_graph, fused_op_name, op_histogram
 from edgeattn.exporters.edgeattn_ops import attach_functions, lowering_for, unsupported_reason
 from edgeattn.exporters.export import cache_names
@@ -256,7 +256,7 @@ def test_int4_weights_agree_with_the_fp32_model(converted_weights):
 
 def _rewritten(family: str, spec: AttentionSpec):
     model = load(f"tiny-{family}")
-    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None))
+    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None, calibration_tokens(spec)))
     return model.decoder
 
 

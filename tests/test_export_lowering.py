@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from edgeattn.convert import ConvertOptions, convert
-from edgeattn.evaluation.calibration import calibration_ids
+from edgeattn.evaluation.calibration import calibration_ids, calibration_tokens
 from edgeattn.exporters.edgeattn_ops import HierarchicalLowering, QuantKVLowering, SinkWindowLowering
 from edgeattn.exporters.lowering import LoweringError, choose_lowerings
 from edgeattn.exporters.lowering_contract import AttentionLowering, CacheLayout
@@ -50,7 +50,7 @@ AUTO_TABLE = [
 
 def _rewritten(family: str, spec: AttentionSpec):
     model = load(f"tiny-{family}")
-    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None))
+    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None, calibration_tokens(spec)))
     return model.decoder
 
 
@@ -145,7 +145,7 @@ def test_cuda_provider_runs_the_folder_on_device_buffers(tmp_path, spec, expecte
     assert manifest.lowering.chosen == expected and manifest.numerics["passed"]
     lm = EdgeLM.load(tmp_path / "out", provider="cuda")
     lm.reset(1)
-    assert lm.provider == "cuda" and lm._caches[0].key.device_name() == "cuda"
+    assert lm.provider == "cuda" and lm._caches[0]["key"].device_name() == "cuda"
     decoder = _rewritten("llama", spec)
     cache = decoder.new_cache(1, MAX_LENGTH)
     chunk = list(range(40, 60))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from edgeattn.convert import ConvertOptions, convert
-from edgeattn.evaluation.calibration import calibration_ids
+from edgeattn.evaluation.calibration import calibration_ids, calibration_tokens
 from edgeattn.exporters.checks import op_histogram
-from edgeattn.exporters.lowering import LoweringError
+from edgeattn.exporters.lowering import LoweringError, choose_lowerings
 from edgeattn.models import load
 from edgeattn.rewrites import rewrite
 from edgeattn.runtimes import ContextFullError, EdgeLM
@@ -32,11 +32,14 @@ ONNX_SPECS = {
     "kv-int8-token": AttentionSpec(kv_cache="int8", kv_quant="per-token"),
     "kv-int4-token": AttentionSpec(kv_cache="int4", kv_quant="per-token"),
     "mqa-kv-int4": AttentionSpec(kv_heads=1, kv_cache="int4"),
+    "kv-int4-token-r8": AttentionSpec(kv_cache="int4", kv_quant="per-token", kv_residual=8),
+    "kv-int8-token-r50": AttentionSpec(kv_cache="int8", kv_quant="per-token", kv_residual=50),
 }
 # Every form on llama; the identity and a combination on every other family (GPT-2: learned positions).
 CASES = [("llama", name) for name in sorted(ONNX_SPECS)] + [
     (family, name) for family in ("mistral", "phi3", "qwen2") for name in ("identity", "mqa-window")] + [
-    ("gpt2", "identity"), ("gpt2", "mqa-window-fp16"), ("gpt2", "kv-int8-token"), ("qwen2", "kv-int4-token")]
+    ("gpt2", "identity"), ("gpt2", "mqa-window-fp16"), ("gpt2", "kv-int8-token"), ("qwen2", "kv-int4-token"),
+    ("gpt2", "kv-int4-token-r8"), ("qwen2", "kv-int4-token-r8")]
 
 
 def _spec(family: str, name: str) -> AttentionSpec:
@@ -59,7 +62,7 @@ def case(converted):
 
 def _rewritten_decoder(family: str, spec: AttentionSpec):
     model = load(f"tiny-{family}")
-    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None))
+    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None, calibration_tokens(spec)))
     return model.decoder
 
 
@@ -112,7 +115,7 @@ def test_cache_buffer_holds_the_rotated_keys_at_their_positions(case):
     lm.reset(1)
     lm.forward(ids[:, :5].numpy())
     lm.forward(ids[:, 5:].numpy())
-    buffer = lm._caches[0].key.numpy()[0]  # [Hkv, C, D]
+    buffer = lm._caches[0]["key"].numpy()[0]  # [Hkv, C, D]
     attn = decoder.attentions()[0]
     with torch.no_grad():
         keys = attn.k_proj(decoder.blocks[0].attn_norm(decoder.embed(ids)))[0].numpy()  # [6, Hkv*D]
@@ -135,7 +138,7 @@ def test_fp16_cache_buffers_cost_two_bytes_per_value(case):
     assert kv.bytes_per_token == 2 * 2 * 1 * 16 * 2  # layers x (k, v) x kv heads x head dim x 2 bytes
     lm = EdgeLM.load(folder)
     lm.reset(1)
-    assert lm._caches[0].key.data_type() == "tensor(float16)"
+    assert lm._caches[0]["key"].data_type() == "tensor(float16)"
 
 
 def test_full_cache_stops_with_a_clear_error(case):
@@ -153,6 +156,42 @@ def test_quantized_cache_buffers_hold_the_codec_rows(case):
     kv = manifest.kv_cache
     assert kv.dtype == "uint8" and kv.shape_tail == [2, MAX_LENGTH, 8 + 2 * 2]
     assert kv.bytes_per_token == 2 * 2 * 2 * 12  # layers x (k, v) x kv heads x row bytes
+
+
+def test_residual_window_holds_the_last_tokens_at_full_precision(case):
+    """After a 13-token prefill and 2 decode steps, each layer's residual buffers hold the rotated keys and the
+    values of positions 7..14 as PyTorch computes them, unquantized; the manifest counts them apart."""
+    folder, manifest, spec = case("llama", "kv-int4-token-r8")
+    decoder = _rewritten_decoder("llama", spec)
+    ids = random_ids(1, 15, 5)
+    lm = EdgeLM.load(folder, threads=1)
+    lm.reset(1)
+    cache = decoder.new_cache(1, MAX_LENGTH)
+    with torch.no_grad():
+        for chunk in (ids[:, :13], ids[:, 13:14], ids[:, 14:]):
+            lm.forward(chunk.numpy())
+            decoder(chunk, cache)
+    for layer, layer_cache in enumerate(cache.layers):  # the model's cache keeps full-precision rows
+        np.testing.assert_allclose(lm._caches[layer]["key_residual"].numpy(), layer_cache.keys[:, :, 7:15].numpy(),
+                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(lm._caches[layer]["value_residual"].numpy(),
+                                   layer_cache.values[:, :, 7:15].numpy(), rtol=0, atol=1e-5)
+    kv = manifest.kv_cache
+    assert kv.residual_tokens == 8 and kv.kinds == ("key", "value", "key_residual", "value_residual")
+    assert kv.extra_buffers == [{"kind": "key_residual", "dtype": "float32", "shape_tail": [2, 8, 16]},
+                                {"kind": "value_residual", "dtype": "float32", "shape_tail": [2, 8, 16]}]
+    assert kv.residual_bytes == 2 * 2 * 2 * 8 * 16 * 4  # layers x (k, v) x kv heads x tokens x head dim x 4
+    assert kv.bytes_per_token == 2 * 2 * 2 * 12  # the codes, as without the window
+    assert kv.bytes_at_capacity == kv.bytes_per_token * MAX_LENGTH + kv.residual_bytes
+
+
+def test_a_residual_window_is_refused_by_the_edgeattn_ops_and_chosen_onnx_by_auto(tmp_path):
+    spec = AttentionSpec(kv_cache="int4", kv_quant="per-token", kv_residual=4)
+    with pytest.raises(LoweringError, match="edgeattn: a residual window"):
+        convert(ConvertOptions("tiny-llama", tmp_path / "out", spec, attention_op="edgeattn", max_length=32))
+    decoder = _rewritten_decoder("llama", spec)
+    choice = choose_lowerings(decoder, spec, "auto", "cpu", 32)
+    assert choice.name == "onnx" and "residual" in choice.not_chosen["edgeattn"]
 
 
 def test_hierarchical_attention_with_a_quantized_cache_is_refused(tmp_path):

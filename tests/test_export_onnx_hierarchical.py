@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgeattn.convert import ConvertOptions, convert
-from edgeattn.evaluation.calibration import calibration_ids
+from edgeattn.evaluation.calibration import calibration_ids, calibration_tokens
 from edgeattn.exporters.onnx_attention import lowering_for
 from edgeattn.exporters.onnx_hierarchical import HierarchicalAttentionLowering
 from edgeattn.models import load
@@ -43,7 +43,7 @@ CASES = {
 
 def _rewritten(family: str, spec: AttentionSpec):
     model = load(f"tiny-{family}")
-    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None))
+    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None, calibration_tokens(spec)))
     return model
 
 
@@ -143,7 +143,7 @@ def test_block_summaries_are_the_max_and_min_of_each_blocks_keys(hierarchical):
     total, block, rows = 51, layer.block_size, layer.rows
     assert (layer.blocks, rows, layer.slots) == (20, 100, 120)  # 19.2 blocks of tokens -> 20, + 20 summaries
     for cache in lm._caches:
-        keys, values = cache.key.numpy()[0], cache.value.numpy()[0]  # [Hkv, C+E, D]
+        keys, values = cache["key"].numpy()[0], cache["value"].numpy()[0]  # [Hkv, C+E, D]
         for b in range(-(-total // block)):
             written = keys[:, b * block:min((b + 1) * block, total)]
             np.testing.assert_array_equal(keys[:, rows + b], written.max(axis=1))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgeattn.convert import ConvertOptions, convert
-from edgeattn.evaluation.calibration import calibration_ids
+from edgeattn.evaluation.calibration import calibration_ids, calibration_tokens
 from edgeattn.exporters.checks import op_histogram
 from edgeattn.exporters.lowering import LoweringError
 from edgeattn.models import load
@@ -50,7 +50,7 @@ def case(converted):
 
 def _rewritten_decoder(family: str, spec: AttentionSpec):
     model = load(f"tiny-{family}")
-    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None))
+    rewrite(model.decoder, spec, calibration_ids(model.tokenizer, None, calibration_tokens(spec)))
     return model.decoder
 
 

@@ -247,11 +247,26 @@ def test_prompt_that_is_not_utf8_is_one_line(folder):
     one_line_exit_2(run("generate", folder, prompt), "prompt", "UTF-8")
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--kv-residual", "8"), "kv_residual needs kv_cache int8 or int4 with kv_quant per-token"),
+    (("--kv-residual", "8", "--kv-cache", "int4", "--kv-quant", "per-token", "--window", "64"), "full KV cache only"),
+    (("--kv-residual", "8", "--kv-cache", "int4", "--kv-quant", "per-token", "--attention-op", "edgeattn"),
+     "edgeattn: a residual window"),
+    (("--kv-heads", "1", "--uptrain-minutes", "0"), "uptrain_minutes must be a finite number of minutes > 0"),
+    (("--kv-heads", "1", "--uptrain-minutes", "nan"), "uptrain_minutes must be a finite"),
+    (("--kv-heads", "1", "--uptrain-minutes", "5", "--uptrain-steps", "3"), "not both"),
+    (("--uptrain-minutes", "5"), "uptrain_minutes needs kv_heads"),
+])
+def test_residual_and_distillation_budget_flags_are_checked_before_loading(never_loads, tmp_path, args, needle):
+    one_line_exit_2(run("convert", "tiny-llama", "-o", tmp_path / "out", *args), needle)
+
+
 # -- recipes ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body", [
     "[spec]\nwindow = true\n", "[spec]\nkv_heads = 1.5\n", "[spec]\nsinks = '4'\n", "[spec]\nblock_mass = 'x'\n",
     "[spec]\ngqa_method = 3\n", "[spec]\nuptrain_steps = false\n", "[convert]\nmax_length = \"big\"\n",
+    "[spec]\nuptrain_minutes = 'ten'\n", "[spec]\nkv_residual = 1.5\n",
     "[convert]\nmax_length = true\n", "[convert]\nweights = 4\n", "[convert]\nblock_size = 32.0\n",
     "[convert]\ncalibration_text = 7\n", "[spec]\nwindow = [1, 2]\n", "[convert]\nweights = {a = 1}\n",
 ])

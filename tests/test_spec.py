@@ -22,6 +22,17 @@ from edgeattn.spec import AttentionSpec, SpecError
         ({"gqa_method": "svd"}, "gqa_method must be one of"),
         ({"uptrain_steps": 10, "kv_heads": 1, "gqa_method": "mean"}, "uptrain_steps needs gqa_method='calibrated'"),
         ({"uptrain_steps": 10}, "uptrain_steps needs kv_heads"),
+        ({"uptrain_minutes": 5}, "uptrain_minutes needs kv_heads"),
+        ({"kv_residual": 8}, "kv_residual needs kv_cache int8 or int4 with kv_quant per-token"),
+        ({"kv_residual": 8, "kv_cache": "int4"}, "kv_residual needs kv_cache int8 or int4 with kv_quant per-token"),
+        ({"kv_residual": -1}, "kv_residual must be an integer >= 0"),
+        ({"kv_residual": 8, "kv_cache": "int4", "kv_quant": "per-token", "window": 64}, "full KV cache only"),
+        ({"uptrain_minutes": 5, "kv_heads": 1, "gqa_method": "mean"}, "uptrain_minutes needs gqa_method='calibrated'"),
+        ({"uptrain_minutes": 5, "uptrain_steps": 3, "kv_heads": 1}, "not both"),
+        ({"uptrain_minutes": 0, "kv_heads": 1}, "uptrain_minutes must be a finite number of minutes > 0"),
+        ({"uptrain_minutes": float("inf"), "kv_heads": 1}, "uptrain_minutes must be a finite"),
+        ({"uptrain_minutes": True, "kv_heads": 1}, "uptrain_minutes must be a finite"),
+        ({"uptrain_minutes": "5", "kv_heads": 1}, "uptrain_minutes must be a finite"),
     ],
 )
 def test_impossible_specs_are_rejected(fields, message):
@@ -41,5 +52,8 @@ def test_derived_properties():
 def test_round_trip_through_dict():
     spec = AttentionSpec(kv_heads=1, window=256, sinks=4, kv_cache="int8")
     assert AttentionSpec.from_dict(spec.to_dict()) == spec
+    assert "uptrain_minutes" not in spec.to_dict()  # fields added later stay out at their default
+    budget = AttentionSpec(kv_heads=1, uptrain_minutes=2.5)
+    assert budget.to_dict()["uptrain_minutes"] == 2.5 and AttentionSpec.from_dict(budget.to_dict()) == budget
     with pytest.raises(SpecError, match="unknown attention spec keys: colour"):
         AttentionSpec.from_dict({"colour": "blue"})

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from edgeattn.cli import main
 from edgeattn.convert import ConvertOptions, convert
-from edgeattn.evaluation.calibration import calibration_ids, default_calibration_text
+from edgeattn.evaluation.calibration import calibration_ids, calibration_tokens, default_calibration_text
 from edgeattn.models import load
 from edgeattn.rewrites import rewrite
 from edgeattn.runtimes.golden import provider_comparisons, read_golden
@@ -86,7 +86,7 @@ def test_convert_writes_golden_and_the_calibration_record(folder):
     golden = read_golden(folder, manifest)
     # Independent reference: the tiny model rewritten here, one plain causal pass per prompt.
     model = load("tiny-llama")
-    rewrite(model.decoder, SPEC, calibration_ids(model.tokenizer))
+    rewrite(model.decoder, SPEC, calibration_ids(model.tokenizer, None, calibration_tokens(SPEC)))
     ids = model.tokenizer.encode(default_calibration_text()).ids
     length = golden.input_ids.shape[1]
     for prompt, row_logits, stream in zip(golden.input_ids, golden.logits, golden.greedy_tokens):

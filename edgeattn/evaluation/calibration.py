@@ -18,8 +18,11 @@ from pathlib import Path
 import torch
 
 from edgeattn.errors import InvalidOptionError
+from edgeattn.spec import AttentionSpec
 
 DEFAULT_CALIBRATION_TOKENS = 2048
+# A calibrated head merge fits on up to 16k tokens and distils on what follows them: a whole text's worth.
+GQA_CALIBRATION_TOKENS = 1 << 18
 WIKITEXT_ENV = "EDGEATTN_WIKITEXT_DIR"
 
 
@@ -43,6 +46,12 @@ def read_text(path: str | Path | None) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise InvalidOptionError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+
+
+def calibration_tokens(spec: AttentionSpec) -> int:
+    """How many tokens of the calibration text ``spec``'s rewrite reads."""
+    calibrated_gqa = spec.kv_heads is not None and spec.gqa_method == "calibrated"
+    return GQA_CALIBRATION_TOKENS if calibrated_gqa else DEFAULT_CALIBRATION_TOKENS
 
 
 def calibration_ids(tokenizer, text_path: str | Path | None = None,

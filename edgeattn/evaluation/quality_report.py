@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from edgeattn.evaluation.calibration import calibration_ids, default_evaluation_text, read_text
+from edgeattn.evaluation.calibration import calibration_ids, calibration_tokens, default_evaluation_text, read_text
 from edgeattn.evaluation.perplexity import check_windows, choose_windows, perplexity, text_ids
 from edgeattn.models import load
 from edgeattn.progress import Progress, report, reports_progress
@@ -33,12 +33,12 @@ def quality_report(model_name: str, spec: AttentionSpec, *, text_path=None, cali
                           progress=lambda done, total: report("scoring the original model", done, total))
     original_kv = model.decoder.kv_bytes_per_token()
     rewritten_model = copy.deepcopy(model.decoder)
-    changes = rewrite(rewritten_model, spec, calibration_ids(model.tokenizer, calibration_text))
+    changes = rewrite(rewritten_model, spec, calibration_ids(model.tokenizer, calibration_text, calibration_tokens(spec)))
     after = perplexity(rewritten_model, ids, windows.context, windows.count,
                        progress=lambda done, total: report("scoring the rewritten model", done, total))
     return {
         "model": model.name,
-        "spec": spec.to_dict(),
+        "spec": changes.spec.to_dict(),  # a distillation budget as the steps it ran
         "text": str(text_path) if text_path is not None else "packaged evaluation text",
         "context": windows.context,
         "windows": windows.count,

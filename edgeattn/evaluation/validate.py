@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from edgeattn.errors import EdgeattnError, InvalidOptionError
-from edgeattn.evaluation.calibration import DEFAULT_CALIBRATION_TOKENS, calibration_ids, default_calibration_text, read_text
+from edgeattn.evaluation.calibration import calibration_ids, calibration_tokens, default_calibration_text, read_text
 from edgeattn.models import load
 from edgeattn.progress import Progress, report, reports_progress
 from edgeattn.rewrites import rewrite
@@ -101,7 +101,8 @@ def validate(options: ValidateOptions, progress: Progress = lambda step, done=No
     ids_PT = _text_ids(original.tokenizer, options)
     progress("rebuilding the rewritten model")
     rewritten = copy.deepcopy(original.decoder)
-    rewrite(rewritten, spec, calibration_ids(original.tokenizer, calibration) if _needs_calibration(spec) else None)
+    tokens = (manifest.calibration.max_tokens if manifest.calibration is not None else None) or calibration_tokens(spec)
+    rewrite(rewritten, spec, calibration_ids(original.tokenizer, calibration, tokens) if _needs_calibration(spec) else None)
     progress("checking the rebuilt model against golden.npz")
     reference_check = _check_rebuild(options.folder, manifest, rewritten)
 
@@ -140,7 +141,7 @@ def validate(options: ValidateOptions, progress: Progress = lambda step, done=No
 
 # -- what convert records ------------------------------------------------------------------
 
-def calibration_record(path: Path | None) -> CalibrationInfo:
+def calibration_record(path: Path | None, max_tokens: int) -> CalibrationInfo:
     """The manifest's ``calibration``: which text calibrated the rewrite, so validate can rebuild it.
 
     A user's text is recorded by file name and sha256, never by its path: a shipped folder must not
@@ -148,7 +149,7 @@ def calibration_record(path: Path | None) -> CalibrationInfo:
     """
     text = read_text(path)
     return CalibrationInfo(text=PACKAGED if path is None else Path(path).name, sha256=_sha256(text),
-                           max_tokens=DEFAULT_CALIBRATION_TOKENS)
+                           max_tokens=max_tokens)
 
 
 def write_convert_golden(folder: Path, decoder, tokenizer, max_length: int) -> str:
@@ -224,6 +225,7 @@ class _SqnrProbe(nn.Module):
     def __init__(self, codec) -> None:
         super().__init__()
         self.codec = codec
+        self.residual = codec.residual  # a residual window reads the codec's round trip of its older tokens
         self.energy = {kind: [0.0, 0.0] for kind in ("key", "value")}  # [signal, noise]
 
     def roundtrip(self, x: torch.Tensor, kind: str) -> torch.Tensor:

@@ -41,7 +41,9 @@ _FP16_PARAM_BYTES = 2
 
 
 def unsupported_reason(spec: AttentionSpec, provider: str, has_rotary: bool) -> str | None:
-    """Why this lowering cannot represent ``spec`` exactly, or None when it can (it represents every spec)."""
+    """Why this lowering cannot represent ``spec`` exactly, or None when it can."""
+    if spec.kv_residual:
+        return "a residual window of full-precision tokens (the onnx lowering keeps it)"
     return None
 
 

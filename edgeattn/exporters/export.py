@@ -20,8 +20,9 @@ PAST_NAME = "past_key_values.{layer}.{kind}"
 PRESENT_NAME = "present.{layer}.{kind}"
 
 
-def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
-    layers_kinds = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
+def cache_names(num_layers: int, kinds: tuple[str, ...] = ("key", "value")) -> tuple[list[str], list[str]]:
+    """The past inputs and present outputs, layer by layer: each of ``kinds`` (key, value, extra buffers)."""
+    layers_kinds = [(i, kind) for i in range(num_layers) for kind in kinds]
     return ([PAST_NAME.format(layer=i, kind=kind) for i, kind in layers_kinds],
             [PRESENT_NAME.format(layer=i, kind=kind) for i, kind in layers_kinds])
 
@@ -51,7 +52,9 @@ def export_graph(decoder, lowerings: list[AttentionLowering], path: Path, norm_f
         layout = lowering.cache_layout()
         tensor = torch.zeros((2, *layout.shape_tail), dtype=_TORCH_DTYPES[layout.dtype])
         sample_past += [tensor, tensor.clone()]
-    past_names, present_names = cache_names(len(lowerings))
+        sample_past += [torch.zeros((2, *buffer.shape_tail), dtype=_TORCH_DTYPES[buffer.dtype])
+                        for buffer in layout.extra]
+    past_names, present_names = cache_names(len(lowerings), lowerings[0].cache_layout().kinds)
     dynamic_shapes = ({0: batch, 1: length}, {0: batch, 1: total}, tuple({0: batch} for _ in sample_past))
     with torch.no_grad():
         program = torch.onnx.export(

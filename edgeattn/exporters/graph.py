@@ -6,8 +6,10 @@ I/O contract (recorded in the manifest; the runtime relies on it):
              attention_mask             int64 [batch, total]      ones over every token so far, new ones included
              past_key_values.{i}.key    cache dtype [batch, kv_heads, capacity, cache_dim]
              past_key_values.{i}.value
+             past_key_values.{i}.{kind} a lowering's extra buffers (a residual window: key_residual,
+                                        value_residual float32 [batch, kv_heads, residual, head_dim])
     outputs  logits                     float32 [batch, 1, vocab] logits of the last new token only
-             present.{i}.key, present.{i}.value                   same shape as past: the buffers with the new
+             present.{i}.key, present.{i}.value, present.{i}.{kind}   same shape as past: the buffers with the new
                                                                   tokens written in (bind them to the past buffers)
 
 The names and the attention mask follow onnxruntime-genai's decoder contract, so the
@@ -51,13 +53,23 @@ class ExportGraph(nn.Module):
         last, presents = blocks(x, attention_mask, past, step)
         return (decoder.lm_head(last), *presents)
 
+    def _layer_past(self, past) -> list[tuple]:
+        """The flat past inputs grouped per layer: key, value, then the layer's extra buffers."""
+        grouped, start = [], 0
+        for lowering in self.lowerings:
+            count = len(lowering.cache_layout().kinds)
+            grouped.append(tuple(past[start:start + count]))
+            start += count
+        return grouped
+
     def plain_blocks(self, x, attention_mask, past, step):
         """Residual adds and norms as separate nodes; returns (final-normed last token, presents)."""
         presents = []
-        for index, block in enumerate(self.decoder.blocks):
-            attended, present_key, present_value = self.lowerings[index].attend(
-                block.attn, norm(block.attn_norm, x), attention_mask, past[2 * index], past[2 * index + 1], step)
-            presents += [present_key, present_value]
+        for index, (block, layer_past) in enumerate(zip(self.decoder.blocks, self._layer_past(past))):
+            key, value, *extra = layer_past
+            attended, *layer_presents = self.lowerings[index].attend(
+                block.attn, norm(block.attn_norm, x), attention_mask, key, value, step, *extra)
+            presents += layer_presents
             x = x + attended
             x = x + block.mlp(norm(block.mlp_norm, x))
         return norm(self.decoder.final_norm, x[:, -1:]), presents  # logits of the last new token only
@@ -67,10 +79,11 @@ class ExportGraph(nn.Module):
         blocks = self.decoder.blocks
         presents = []
         residual, normed = x, norm(blocks[0].attn_norm, x)
-        for index, block in enumerate(blocks):
-            attended, present_key, present_value = self.lowerings[index].attend(
-                block.attn, normed, attention_mask, past[2 * index], past[2 * index + 1], step)
-            presents += [present_key, present_value]
+        for index, (block, layer_past) in enumerate(zip(blocks, self._layer_past(past))):
+            key, value, *extra = layer_past
+            attended, *layer_presents = self.lowerings[index].attend(
+                block.attn, normed, attention_mask, key, value, step, *extra)
+            presents += layer_presents
             normed, residual = skip_rms_norm(block.mlp_norm, attended, residual)
             update = block.mlp(normed)
             if index + 1 < len(blocks):

@@ -9,8 +9,9 @@ exactly on the provider:
   for a window, sinks and any cache precision included (``onnx_ring``), or over the rows
   hierarchical attention selects, with block summaries kept in the cache (``onnx_hierarchical``);
 * ``edgeattn``: edgeattn's own ops with ONNX function bodies (``edgeattn_ops``): the
-  reference semantics; it represents every spec (hierarchical attention over an
-  fp16/int8/int4 cache only it), so ``auto`` always finds one.
+  reference semantics; it represents every spec but a residual window (which ``onnx``
+  represents), and hierarchical attention over an fp16/int8/int4 cache only it, so ``auto``
+  always finds one.
 
 ``auto`` also skips a lowering that would keep a windowed spec in a max-length cache: a
 window is asked for to get constant memory (every lowering here keeps a ring today).
@@ -99,6 +100,17 @@ def choose_lowerings(decoder, spec: AttentionSpec, attention_op: str, provider: 
                 else f"--attention-op {attention_op} was requested")
     layers = [chosen.for_layer(attn, spec, max_length) for attn in decoder.attentions()]
     return LoweringChoice(chosen.name, layers, not_chosen)
+
+
+def check_lowering_request(spec: AttentionSpec, attention_op: str, provider: str) -> None:
+    """Refuse, before any model loads, a requested lowering that cannot represent ``spec`` whatever the model
+    (reasons that depend on the model, such as rotary positions, are left to ``choose_lowerings``)."""
+    if attention_op == "auto":
+        return
+    entry = next(entry for entry in _PREFERENCE if entry.name == attention_op)
+    reason = entry.unsupported_reason(spec, provider, True)  # rotary positions only ever add a reason
+    if reason is not None:
+        raise LoweringError(f"no attention lowering represents this spec exactly: {entry.name}: {reason}")
 
 
 def _reason(entry: _Lowering, spec: AttentionSpec, provider: str, has_rotary: bool, auto: bool) -> str | None:

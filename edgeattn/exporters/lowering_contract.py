@@ -25,6 +25,19 @@ CacheDtype = Literal["float32", "float16", "int8", "uint8"]
 
 
 @dataclass(frozen=True)
+class ExtraBuffer:
+    """A per-layer buffer a lowering keeps beside past_key/past_value (past and present of the same name, bound
+    to one memory like them): [B, *shape_tail] of ``dtype``, named by its ``kind`` in the cache names."""
+
+    kind: str
+    shape_tail: tuple[int, ...]
+    dtype: CacheDtype
+
+    def manifest(self) -> dict:
+        return {"kind": self.kind, "dtype": self.dtype, "shape_tail": list(self.shape_tail)}
+
+
+@dataclass(frozen=True)
 class CacheLayout:
     """How the runtime allocates one layer's past_key and past_value: each [B, kv_heads, capacity, row_width]
     of ``dtype``, bound to the same memory as the present of the same name."""
@@ -39,6 +52,7 @@ class CacheLayout:
     tokens: int | None = None  # the rows that hold tokens
     keys_read: int | None = None  # the most cached keys a decode step attends to
     summary_rows: int | None = None  # block summaries a decode step scores
+    extra: tuple[ExtraBuffer, ...] = ()  # buffers after key and value, in this order (a residual window's)
 
     @property
     def shape_tail(self) -> tuple[int, int, int]:
@@ -51,7 +65,14 @@ class CacheLayout:
                  "ring": self.ring, "max_positions": self.max_positions}
         if self.tokens is not None:
             entry.update(tokens=self.tokens, keys_read=self.keys_read, summary_rows=self.summary_rows)
+        if self.extra:
+            entry["extra_buffers"] = [buffer.manifest() for buffer in self.extra]
         return entry
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The layer's buffers by kind, in graph order: key, value, then the extra ones."""
+        return ("key", "value", *(buffer.kind for buffer in self.extra))
 
 
 @runtime_checkable
@@ -85,12 +106,14 @@ class AttentionLowering(Protocol):
         ...
 
     def attend(self, attn: EdgeAttention, h: torch.Tensor, attention_mask: torch.Tensor,
-               past_key: torch.Tensor, past_value: torch.Tensor, step: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               past_key: torch.Tensor, past_value: torch.Tensor, step: Any, *past_extra: torch.Tensor
+               ) -> tuple[torch.Tensor, ...]:
         """The layer's attention of the new tokens ``h`` [B, L, hidden] (normed), ``attention_mask`` int64
         [B, T] (ones over every token so far) over the buffers ``past_key``/``past_value`` [B, *shape_tail]
-        holding P tokens, ``step`` being what ``prepare_step`` returned. Returns (output [B, L, hidden] after
-        ``attn.o_proj``, present_key, present_value): the buffers with the new tokens written in, of the past's
-        shape and dtype."""
+        holding P tokens (and ``cache_layout().extra``'s buffers, in order), ``step`` being what
+        ``prepare_step`` returned. Returns (output [B, L, hidden] after ``attn.o_proj``, present_key,
+        present_value, *present_extra): the buffers with the new tokens written in, of the past's shapes and
+        dtypes."""
         ...
 
 

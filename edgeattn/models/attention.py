@@ -11,6 +11,7 @@ attention, write the new tokens into the cache. Prefill and decode are the same 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgeattn.models.kv_codec import KVCodec
@@ -55,8 +56,10 @@ class EdgeAttention(nn.Module):
         ring = self.visibility.ring
         if self.rotary is not None and not ring:
             k = self.rotary.rotate(k, q_pos)  # full caches store rotated keys
-        k = self.codec.roundtrip(k, "key")
-        v = self.codec.roundtrip(v, "value")
+        residual = self.codec.residual
+        if not residual:  # with a residual window the cache keeps full precision; reads round-trip old tokens
+            k = self.codec.roundtrip(k, "key")
+            v = self.codec.roundtrip(v, "value")
 
         if cache is not None:
             old_k, old_v, old_pos = cache.visible()
@@ -64,11 +67,30 @@ class EdgeAttention(nn.Module):
         else:
             keys, values, k_pos = k, v, q_pos
 
-        scores = self._scores(q, keys, q_pos, k_pos)  # [B, H, L, N]
-        out = torch.softmax(scores, dim=-1) @ self._repeat_kv(values)  # [B, H, L, D]
+        if residual:
+            out = self._attend_with_residual(q, keys, values, q_pos, k_pos)
+        elif cache is None and type(self.visibility) is FullVisibility:
+            # A whole sequence under the plain causal mask (scoring, calibration, distillation): PyTorch's fused
+            # kernel, which never materializes the [L, L] scores (distillation steps of 2048 tokens ~2x faster).
+            q_rot = self.rotary.rotate(q, q_pos) if self.rotary is not None else q
+            out = F.scaled_dot_product_attention(q_rot, keys, values, is_causal=True,
+                                                 enable_gqa=self.num_heads != self.num_kv_heads)
+        else:
+            scores = self._scores(q, keys, q_pos, k_pos)  # [B, H, L, N]
+            out = torch.softmax(scores, dim=-1) @ self._repeat_kv(values)  # [B, H, L, D]
         if cache is not None:
             self._store(cache, q_pos, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def _attend_with_residual(self, q, keys, values, q_pos, k_pos) -> torch.Tensor:
+        """Attention where each query reads its ``codec.residual`` most recent keys/values at full precision and
+        the older ones through the codec (KIVI); keys/values [B, Hkv, N, D] at full precision -> [B, H, L, D]."""
+        recent = (q_pos[:, None] - k_pos[None, :]) < self.codec.residual  # [L, N]
+        scores = torch.where(recent, self._scores(q, keys, q_pos, k_pos),
+                             self._scores(q, self.codec.roundtrip(keys, "key"), q_pos, k_pos))
+        weights = torch.softmax(scores, dim=-1)  # [B, H, L, N]
+        old_values = self._repeat_kv(self.codec.roundtrip(values, "value"))
+        return (weights * recent) @ self._repeat_kv(values) + (weights * ~recent) @ old_values
 
     def _scores(self, q, keys, q_pos, k_pos) -> torch.Tensor:
         scale = self.head_dim**-0.5

@@ -128,6 +128,10 @@ class Decoder(nn.Module):
         """Exact KV-cache bytes one more cached token costs, summed over layers."""
         return sum(attn.codec.bytes_per_token() for attn in self.attentions())
 
+    def kv_residual_bytes(self) -> int:
+        """Constant KV-cache bytes per sequence, summed over layers: the full-precision recent windows."""
+        return sum(attn.codec.residual_bytes() for attn in self.attentions())
+
     def new_cache(self, batch: int = 1, max_length: int | None = None) -> DecoderCache:
         max_length = max_length or self.config.max_position_embeddings
         return DecoderCache([attn.new_cache(batch, max_length) for attn in self.attentions()])

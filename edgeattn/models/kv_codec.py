@@ -13,6 +13,11 @@ dequantizing on read; the exported graph stores the codes themselves.
   and minimum per token and head. Scales and minimums are stored in fp16; the scale is
   measured from the fp16-rounded minimum (what decoding adds back). A head_dim that is
   not a multiple of ``KEY_GROUP`` uses one key group over the whole head.
+  With a ``residual`` of R tokens (KIVI), a query reads the keys and values of its own R most
+  recent tokens at full precision and older ones through the codec: the cache keeps the codes of
+  every token plus the last R tokens in float32 (a constant ``residual_bytes``). Per-token codes
+  do not depend on when they are made, so the model stores full-precision rows and round-trips
+  the older ones as it reads them.
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ def _symmetric_max(bits: int) -> int:
 class KVCodec(nn.Module):
     """Storage format of one layer's KV cache."""
 
-    def __init__(self, dtype: str = "fp32", mode: str = "per-channel", num_kv_heads: int = 1, head_dim: int = 1):
+    def __init__(self, dtype: str = "fp32", mode: str = "per-channel", num_kv_heads: int = 1, head_dim: int = 1,
+                 residual: int = 0):
         super().__init__()
         self.dtype = dtype
         self.mode = mode
+        self.residual = residual
+        if residual and not (self.quantized and mode == "per-token"):
+            raise ValueError("a full-precision residual window needs a per-token int8/int4 codec")
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         if self.quantized and mode == "per-channel":
@@ -62,6 +71,10 @@ class KVCodec(nn.Module):
             codes += self.num_kv_heads * (key_groups + 1) * fp16_pair
         return codes
 
+    def residual_bytes(self) -> int:
+        """Bytes of the full-precision recent window of one sequence in this layer (constant: float32 rows)."""
+        return 2 * self.residual * self.num_kv_heads * self.head_dim * 4
+
     def set_scales(self, k_absmax: torch.Tensor, v_absmax: torch.Tensor) -> None:
         """Static per-channel scales from calibrated absolute maxima [kv_heads, head_dim]."""
         qmax = _symmetric_max(self.bits)
@@ -82,7 +95,7 @@ class KVCodec(nn.Module):
         return _asymmetric_groups(x, group, self.bits)
 
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, mode={self.mode}"
+        return f"dtype={self.dtype}, mode={self.mode}" + (f", residual={self.residual}" if self.residual else "")
 
 
 def _asymmetric_groups(x: torch.Tensor, group: int, bits: int) -> torch.Tensor:

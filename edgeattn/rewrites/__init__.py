@@ -10,12 +10,13 @@ The order (``ORDER``) matters and is tested:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from edgeattn import progress
-from edgeattn.rewrites import gqa, hierarchical, kv_quant, window
+from edgeattn.rewrites import gqa, gqa_calibration, hierarchical, kv_quant, window
 from edgeattn.rewrites._swap import LayerChange, RewriteError
 from edgeattn.spec import AttentionSpec
 
@@ -58,8 +59,14 @@ def rewrite(model, spec: AttentionSpec, calibration: torch.Tensor | None = None)
     """Rewrite ``model`` (an ``edgeattn.models.Decoder``) in place into ``spec``'s attention form.
 
     ``calibration``: token ids [1, T] for the calibrated steps (calibrated GQA, per-channel
-    KV scales); see ``edgeattn.evaluation.calibration.calibration_ids``.
+    KV scales); see ``edgeattn.evaluation.calibration.calibration_ids``. A distillation budget in minutes
+    becomes the steps that fit on this machine: the report's ``spec`` records them, so the rewrite can be
+    rebuilt exactly (``validate``).
     """
+    if spec.uptrain_minutes is not None and calibration is not None:
+        progress.report("rewriting attention: timing a distillation step")
+        steps = gqa_calibration.uptrain_steps_for_budget(model, calibration, spec.uptrain_minutes)
+        spec = dataclasses.replace(spec, uptrain_steps=steps, uptrain_minutes=None)
     report = RewriteReport(spec)
     for name, applies, apply in ORDER:
         if applies(spec):

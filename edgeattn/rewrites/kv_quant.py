@@ -29,12 +29,14 @@ def quantize_kv_cache(model, spec: AttentionSpec, calibration: torch.Tensor | No
     mode = spec.kv_quant if spec.kv_cache in ("int8", "int4") else "per-channel"
 
     def change(index, attn) -> str:
-        codec = KVCodec(spec.kv_cache, mode, attn.num_kv_heads, attn.head_dim)
+        codec = KVCodec(spec.kv_cache, mode, attn.num_kv_heads, attn.head_dim, spec.kv_residual)
         if recorded is not None:
             keys, values = recorded[index]
             codec.set_scales(_best_absmax(keys, codec.bits), _best_absmax(values, codec.bits))
         attn.codec = codec
         detail = f" {mode}" if codec.quantized else ""
+        if codec.residual:
+            detail += f", last {codec.residual} tokens at full precision ({codec.residual_bytes()} bytes)"
         return f"KV cache {spec.kv_cache}{detail}, {codec.bytes_per_token()} bytes/token"
 
     return for_each_attention(model, NAME, change)

@@ -32,14 +32,15 @@ def check_graph(folder: Path, manifest: Manifest, session: ort.InferenceSession)
         raise ManifestError(f"{folder}: the graph has no {', '.join(missing)}; it is not an edgeattn model")
     for role, pattern, graph_names, others in (("past", names.past, inputs, GRAPH_INPUTS),
                                                ("present", names.present, outputs, (GRAPH_LOGITS,))):
-        expected = [pattern.format(layer=layer, kind=kind) for layer in range(layers) for kind in ("key", "value")]
+        expected = [pattern.format(layer=layer, kind=kind) for layer in range(layers) for kind in kv.kinds]
         cache = set(graph_names) - set(others)
         if set(expected) != cache:
             raise ManifestError(f"{folder}: the manifest describes {layers} layer{'s' * (layers != 1)} "
                                 f"({len(expected)} {role} cache tensors named like {expected[0]!r}) but the graph "
                                 f"has {len(cache)}; the manifest does not belong to this model")
-        for name in expected:
-            _check_cache_tensor(folder, kv, graph_names[name])
+        for layer in range(layers):
+            for kind, (dtype, shape_tail) in _buffers(kv).items():
+                _check_cache_tensor(folder, dtype, shape_tail, graph_names[pattern.format(layer=layer, kind=kind)])
     vocabulary = outputs[GRAPH_LOGITS].shape[-1] if outputs[GRAPH_LOGITS].shape else None
     if isinstance(vocabulary, int) and vocabulary != manifest.model.vocab_size:
         raise ManifestError(f"{folder}: the manifest's vocab_size {manifest.model.vocab_size} does not match "
@@ -61,13 +62,21 @@ def load_tokenizer(folder: Path, manifest: Manifest) -> Tokenizer:
     return tokenizer
 
 
-def _check_cache_tensor(folder: Path, kv: KVCacheInfo, arg) -> None:
+def _buffers(kv: KVCacheInfo) -> dict[str, tuple[str, list]]:
+    """Each layer's buffers by kind: (dtype, shape_tail)."""
+    buffers = {"key": (kv.dtype, kv.shape_tail), "value": (kv.dtype, kv.shape_tail)}
+    for buffer in kv.extra_buffers or ():
+        buffers[buffer["kind"]] = (buffer["dtype"], buffer["shape_tail"])
+    return buffers
+
+
+def _check_cache_tensor(folder: Path, dtype: str, shape_tail: list, arg) -> None:
     """One past/present tensor: [batch, *shape_tail] of the manifest's dtype (symbolic dims pass)."""
-    if arg.type != ORT_TYPES[kv.dtype]:
-        raise ManifestError(f"{folder}: the manifest's KV-cache dtype {kv.dtype} does not match the graph's "
+    if arg.type != ORT_TYPES.get(dtype):
+        raise ManifestError(f"{folder}: the manifest's KV-cache dtype {dtype} does not match the graph's "
                             f"{arg.type} ({arg.name})")
     tail = list(arg.shape[1:]) if arg.shape else []
-    if len(tail) != len(kv.shape_tail) or any(isinstance(dim, int) and dim != want
-                                              for dim, want in zip(tail, kv.shape_tail)):
-        raise ManifestError(f"{folder}: the manifest's KV-cache shape [batch, {', '.join(map(str, kv.shape_tail))}] "
+    if len(tail) != len(shape_tail) or any(isinstance(dim, int) and dim != want
+                                           for dim, want in zip(tail, shape_tail)):
+        raise ManifestError(f"{folder}: the manifest's KV-cache shape [batch, {', '.join(map(str, shape_tail))}] "
                             f"does not match the graph's {arg.shape} ({arg.name})")

@@ -203,6 +203,14 @@ class KVCacheInfo(ManifestPart):
     """Block summaries a decode step scores (hierarchical attention)."""
     growing: bool | None = None
     """The cache grows with the tokens (present = concat(past, new)) instead of being preallocated."""
+    extra_buffers: list[dict[str, Any]] | None = None
+    """Per-layer buffers after key and value, each ``{"kind", "dtype", "shape_tail"}``: past and present named
+    with ``{kind}``, [batch, *shape_tail], bound to one memory like the cache (a residual window's
+    ``key_residual`` and ``value_residual``)."""
+    residual_tokens: int | None = None
+    """Recent tokens each query reads at full precision (a KIVI residual window over a per-token cache)."""
+    residual_bytes: int | None = None
+    """Constant bytes of one sequence's residual windows, all layers (not in ``bytes_per_token``)."""
     bytes_per_token: int | float
     """Exact: all layers, keys and values, per-token scales included."""
     bytes_at_capacity: int | float | None = None
@@ -210,6 +218,11 @@ class KVCacheInfo(ManifestPart):
     """How keys and values are stored: ``fp32``, ``fp16``, ``int8`` or ``int4``."""
     quant: str | None = None
     """``per-channel`` or ``per-token`` scales of an int8/int4 codec."""
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Each layer's buffers by the ``{kind}`` of their names: key, value, then the extra buffers."""
+        return ("key", "value", *(buffer["kind"] for buffer in self.extra_buffers or ()))
 
     @property
     def cache_tokens(self) -> int:

@@ -148,7 +148,7 @@ def folder_candidate(folder: str | Path, name: str, provider: str, threads: int)
         "vocab_size": manifest.model.vocab_size, "max_length": manifest.model.max_length,
         "kv_cache": {"codec": kv.codec, "bytes_per_token": kv.bytes_per_token, "capacity": kv.capacity,
                      "ring": kv.ring, "growing": bool(kv.growing), "max_positions": kv.max_positions,
-                     **{key: getattr(kv, key) for key in ("tokens", "keys_read", "summary_rows")
+                     **{key: getattr(kv, key) for key in ("tokens", "keys_read", "summary_rows", "residual_bytes")
                         if getattr(kv, key) is not None}},
     }
     return Candidate(name, lambda: EdgeLM.load(folder, provider=provider, threads=threads), info,

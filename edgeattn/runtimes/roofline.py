@@ -53,8 +53,9 @@ def context_limit(kv: dict) -> tuple[int | None, str]:
 
 
 def kv_bytes_held(kv: dict, tokens: int) -> int:
-    """KV bytes that hold ``tokens`` cached tokens (a ring keeps at most its capacity)."""
-    return kv["bytes_per_token"] * (min(tokens, kv["capacity"]) if kv["ring"] else tokens)
+    """KV bytes that hold ``tokens`` cached tokens (a ring keeps at most its capacity), a residual window's
+    constant buffers included."""
+    return kv["bytes_per_token"] * (min(tokens, kv["capacity"]) if kv["ring"] else tokens) + kv.get("residual_bytes", 0)
 
 
 def keys_read(kv: dict, tokens: int) -> int:
@@ -66,15 +67,16 @@ def keys_read(kv: dict, tokens: int) -> int:
 
 
 def kv_bytes_read(kv: dict, tokens: int) -> int:
-    """KV bytes one decode step reads: its keys and values, and the block summaries it scores."""
-    return kv["bytes_per_token"] * (keys_read(kv, tokens) + kv.get("summary_rows", 0))
+    """KV bytes one decode step reads: its keys and values, the block summaries it scores, and a residual
+    window's full-precision rows."""
+    return kv["bytes_per_token"] * (keys_read(kv, tokens) + kv.get("summary_rows", 0)) + kv.get("residual_bytes", 0)
 
 
 def kv_bytes_resident(kv: dict, tokens: int) -> int:
     """KV bytes in memory at ``tokens``: preallocated buffers cost their full capacity from the start."""
     if kv.get("growing"):
         return kv_bytes_held(kv, tokens)
-    return kv["bytes_per_token"] * kv["capacity"]
+    return kv["bytes_per_token"] * kv["capacity"] + kv.get("residual_bytes", 0)
 
 
 def bound_ms(bytes_read: int, gb_per_s: float) -> float:

@@ -9,7 +9,6 @@ cache: the fused attention op writes the new tokens in place.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +32,6 @@ class RuntimeLoadError(EdgeattnError, RuntimeError):
     """The folder's model cannot be loaded by onnxruntime."""
 
 
-@dataclass
-class _LayerCache:
-    key: ort.OrtValue
-    value: ort.OrtValue
-
-
 class EdgeLM:
     """A loaded output folder: tokenizer, onnxruntime session and KV-cache buffers."""
 
@@ -52,7 +45,7 @@ class EdgeLM:
         self.kv = manifest.kv_cache
         self.length = 0  # tokens in the cache
         self._batch = 0
-        self._caches: list[_LayerCache] = []
+        self._caches: list[dict[str, ort.OrtValue]] = []  # per layer: kind -> buffer
 
     @classmethod
     def load(cls, folder: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -90,15 +83,15 @@ class EdgeLM:
         """Empty the KV cache (and size it for ``batch`` sequences)."""
         if batch != self._batch:
             device = "cuda" if self.provider == "cuda" else "cpu"
-            shape = (batch, *self.kv.shape_tail)
-            dtype = np.dtype(self.kv.dtype)
+            buffers = {"key": (self.kv.dtype, self.kv.shape_tail), "value": (self.kv.dtype, self.kv.shape_tail)}
+            buffers.update({extra["kind"]: (extra["dtype"], extra["shape_tail"]) for extra in self.kv.extra_buffers or ()})
             self._caches = [
-                _LayerCache(ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0),
-                            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0))
+                {kind: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, *shape_tail), np.dtype(dtype)), device, 0)
+                 for kind, (dtype, shape_tail) in buffers.items()}
                 for _ in range(self.manifest.model.num_layers)
             ]
             self._batch = batch
-        self.length = 0
+        self.length = 0  # rows left from an earlier sequence are never read: the graph masks them by position
 
     def forward(self, input_ids: np.ndarray) -> np.ndarray:
         """Append ``input_ids`` [batch, n] to the cache; return next-token logits [batch, vocab]."""
@@ -115,7 +108,7 @@ class EdgeLM:
         binding.bind_output("logits")  # first bound output -> first copied output
         names = self.manifest.io.cache_names
         for index, cache in enumerate(self._caches):
-            for kind, value in (("key", cache.key), ("value", cache.value)):
+            for kind, value in cache.items():
                 binding.bind_ortvalue_input(names.past.format(layer=index, kind=kind), value)
                 binding.bind_ortvalue_output(names.present.format(layer=index, kind=kind), value)
         self.session.run_with_iobinding(binding)
