@@ -8,7 +8,7 @@ run leaves the rows measured so far.
 
 Each distinct spec is rewritten once (only hierarchical depends on the context), and a
 spec that merges kv heads and does more (``combo``) starts from the merged model of its
-GQA part, so calibrated MQA and its distillation run once.
+GQA part, so calibrated MQA and its distillation run once per budget.
 
     python benchmarks/quality.py                      # all variants, contexts 512 and 2048
     python benchmarks/quality.py --variants original,combo --tokens 4096 --uptrain-minutes 2
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from edgeattn.evaluation.calibration import DEFAULT_CALIBRATION_TOKENS, GQA_CALIBRATION_TOKENS, calibration_ids, wikitext_path
+from edgeattn.evaluation.calibration import DEFAULT_CALIBRATION_TOKENS, GQA_DISTILLATION_TOKENS, calibration_ids, wikitext_path
 from edgeattn.evaluation.perplexity import perplexity, text_ids
 from edgeattn.models import load
 from edgeattn.rewrites import gqa_calibration, rewrite
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load("smollm2")
     ids = text_ids(model.tokenizer, test.read_text(encoding="utf-8"))
-    gqa_tokens = GQA_CALIBRATION_TOKENS
+    gqa_tokens = GQA_DISTILLATION_TOKENS
     calibration = Calibration(calibration_ids(model.tokenizer, valid, max_tokens=args.calibration_tokens),
                               calibration_ids(model.tokenizer, valid, max_tokens=gqa_tokens))
     setup = {"model": model.name, "test_tokens": ids.numel(), "tokens_per_context": args.tokens,
@@ -244,7 +244,11 @@ def _kept_rows(out: Path, names: list[str], contexts: list[int]) -> list[dict]:
 
 
 def _ordered(rows: list[dict], variant_order: list[str]) -> list[dict]:
-    return sorted(rows, key=lambda row: (variant_order.index(row["variant"]), row["context"]))
+    def place(row: dict) -> tuple:  # a kept row of a variant this run's table does not name goes last
+        name = row["variant"]
+        return (variant_order.index(name) if name in variant_order else len(variant_order), name, row["context"])
+
+    return sorted(rows, key=place)
 
 
 def _write(out: Path, rows: list[dict], setup: dict) -> None:

@@ -153,12 +153,22 @@ SPEC_FIELDS = ("kv_heads", "gqa_method", "uptrain_steps", "uptrain_minutes", "wi
                "block_mass", "block_select", "kv_cache", "kv_quant", "kv_residual")
 
 
+# Spec fields that say the same thing in different units: a recipe's one gives way to a flag's other.
+SPEC_ALTERNATIVES = (("uptrain_steps", "uptrain_minutes"),)
+
+
 def _spec_from(kwargs, recipe_spec: dict | None = None):
     """The AttentionSpec of the flags; recipe values fill the flags not given on the command line."""
     from edgeattn.spec import AttentionSpec
 
     values = {name: kwargs.pop(name) for name in SPEC_FIELDS}
-    return AttentionSpec(**_recipe_fills(values, recipe_spec or {}))
+    table = dict(recipe_spec or {})
+    context = click.get_current_context()
+    for group in SPEC_ALTERNATIVES:  # one of a group given on the command line replaces the recipe's choice
+        if any(context.get_parameter_source(name) == ParameterSource.COMMANDLINE for name in group):
+            for name in group:
+                table.pop(name, None)
+    return AttentionSpec(**_recipe_fills(values, table))
 
 
 def _recipe_fills(flags: dict, table: dict) -> dict:

@@ -158,6 +158,7 @@ def _check_options(options: ConvertOptions) -> None:
     if options.max_length is not None and (_not_whole(options.max_length) or options.max_length < 2):
         raise InvalidOptionError(f"max_length must be a whole number >= 2, got {options.max_length!r}")
     check_lowering_request(options.spec, options.attention_op, options.provider)
+    _check_residual(options)
     if options.calibration_text is not None:
         check_text_file(options.calibration_text, "calibration text")
 
@@ -177,7 +178,14 @@ def _resolve_max_length(options: ConvertOptions, config, progress: Callable[[str
         return dataclasses.replace(options, max_length=max_length)
     if limit is not None and options.max_length > limit:
         raise InvalidOptionError(f"max_length {options.max_length} exceeds the model's {limit} learned positions")
+    _check_residual(options)
     return options
+
+
+def _check_residual(options: ConvertOptions) -> None:
+    if options.max_length is not None and options.spec.kv_residual >= options.max_length:
+        raise InvalidOptionError(f"kv_residual {options.spec.kv_residual} must be below max_length "
+                                 f"{options.max_length}: a window that holds the whole cache quantizes nothing")
 
 
 def _manifest(model, decoder, options: ConvertOptions, choice, norm_fusion, histogram, files: FilesInfo,

@@ -20,7 +20,8 @@ def summary(output: Path, manifest: Manifest, max_length_given: bool) -> dict:
         "output": str(output), "size_mb": round(size / 1e6, 1), "weights": manifest.weights.dtype,
         "max_length": max_length, "max_length_source": source,
         "lowering": f"{lowering.per_layer[0]} ({lowering.op}) x {len(lowering.per_layer)} layers",
-        "kv_cache": f"{kv.codec} {'ring' if kv.ring else 'full'} buffer, capacity {kv.cache_tokens}",
+        "kv_cache": f"{kv.codec} {'ring' if kv.ring else 'full'} buffer, capacity {kv.cache_tokens}"
+                    + (f", last {kv.residual_tokens} tokens at full precision" if kv.residual_tokens else ""),
         "kv_bytes_per_token": kv.bytes_per_token, "kv_mb_at_capacity": round(kv.bytes_at_capacity / 1e6, 2),
         "numerics": manifest.numerics,
         **({"gguf_blocks": describe(manifest.weights.gguf)} if manifest.weights.gguf is not None else {}),

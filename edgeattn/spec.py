@@ -37,6 +37,7 @@ class AttentionSpec:
     uptrain_steps: optional distillation steps after a calibrated merge.
     uptrain_minutes: instead of ``uptrain_steps``, a distillation budget in minutes on this machine: the
         rewrite times one step and runs as many as fit (``rewrite``'s report records the steps run).
+    uptrain_window: tokens per distillation sequence (None: edgeattn's default; the report records it).
     window / sinks: each query sees the first ``sinks`` tokens and the last
         ``window`` tokens (itself included); the cache is a ring of ``sinks + window``
         slots. With ``block_size`` set, ``window`` is instead the always-attended local
@@ -54,6 +55,7 @@ class AttentionSpec:
     gqa_method: GqaMethod = "calibrated"
     uptrain_steps: int = 0
     uptrain_minutes: float | None = None
+    uptrain_window: int | None = None
     window: int | None = None
     sinks: int = 0
     block_size: int | None = None
@@ -69,6 +71,7 @@ class AttentionSpec:
         _positive("window", self.window)
         _positive("block_size", self.block_size)
         _positive("top_blocks", self.top_blocks)
+        _positive("uptrain_window", self.uptrain_window)
         _choice("gqa_method", self.gqa_method, GQA_METHODS)
         _choice("block_select", self.block_select, BLOCK_SELECTS)
         _choice("kv_cache", self.kv_cache, KV_CACHE_PRECISIONS)
@@ -88,6 +91,8 @@ class AttentionSpec:
             raise SpecError(f"uptrain_minutes must be a finite number of minutes > 0, got {self.uptrain_minutes!r}")
         if self.uptrain_steps and self.uptrain_minutes is not None:
             raise SpecError("give uptrain_steps or uptrain_minutes, not both")
+        if self.uptrain_window is not None and not (self.uptrain_steps or self.uptrain_minutes):
+            raise SpecError("uptrain_window needs uptrain_steps or uptrain_minutes")
         for name in ("uptrain_steps", "uptrain_minutes"):
             if getattr(self, name) and self.gqa_method != "calibrated":
                 raise SpecError(f"{name} needs gqa_method='calibrated'")
@@ -153,7 +158,7 @@ class AttentionSpec:
         return cls(**data)
 
 
-_LATER_FIELDS = {"block_select": "query-head", "uptrain_minutes": None, "kv_residual": 0}
+_LATER_FIELDS = {"block_select": "query-head", "uptrain_minutes": None, "uptrain_window": None, "kv_residual": 0}
 
 
 def _number(value) -> bool:

@@ -209,15 +209,15 @@ def test_a_budget_in_minutes_runs_the_steps_one_timed_step_says_fit(monkeypatch)
     decoder, calibration, _ = _tiny("llama")
     before = {name: p.detach().clone() for name, p in decoder.named_parameters()}
     clock = iter([100.0, 106.0])  # the timed step takes 6 s: 0.5 minutes hold 5 steps
-    monkeypatch.setattr(gqa_calibration.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(gqa_calibration, "_clock", lambda: next(clock))
     budgeted = copy.deepcopy(decoder)
     report = rewrite(budgeted, AttentionSpec(kv_heads=1, uptrain_minutes=0.5), calibration)
-    assert report.spec == AttentionSpec(kv_heads=1, uptrain_steps=5)
+    assert report.spec == AttentionSpec(kv_heads=1, uptrain_steps=5, uptrain_window=gqa_calibration.UPTRAIN_WINDOW)
     assert "distilled 5 steps of 1024 tokens" in report.summary()[0]
     for name, p in decoder.named_parameters():  # timing the step changed nothing and left no gradient
         assert torch.equal(p, before[name]) and p.grad is None and p.requires_grad, name
     replayed = copy.deepcopy(decoder)
-    rewrite(replayed, AttentionSpec(kv_heads=1, uptrain_steps=5), calibration)
+    rewrite(replayed, AttentionSpec(kv_heads=1, uptrain_steps=5), calibration)  # the default window again
     for (name, a), b in zip(budgeted.named_parameters(), replayed.parameters()):
         assert torch.equal(a, b), name  # the recorded steps rebuild the same model
 
@@ -226,8 +226,23 @@ def test_distillation_sequences_stop_where_learned_positions_end():
     decoder, calibration, _ = _tiny("gpt2")
     limit = decoder.config.max_position_embeddings
     long_ids = calibration.repeat(1, 4 * gqa_calibration.UPTRAIN_WINDOW // calibration.shape[1] + 1)
-    windows = gqa_calibration._uptrain_windows(decoder, long_ids)
+    windows = gqa_calibration._uptrain_windows(decoder, long_ids, gqa_calibration.UPTRAIN_WINDOW)
     assert windows[0].numel() == min(limit, gqa_calibration.UPTRAIN_WINDOW)
+
+
+def test_a_budget_with_a_head_count_that_cannot_divide_fails_before_timing(monkeypatch):
+    decoder, calibration, _ = _tiny("llama")
+    monkeypatch.setattr(gqa_calibration, "_clock", lambda: pytest.fail("a distillation step was timed"))
+    with pytest.raises(RewriteError, match="must divide"):
+        rewrite(decoder, AttentionSpec(kv_heads=3, uptrain_minutes=1), calibration)
+
+
+def test_distilling_on_a_short_text_is_warned_about(caplog):
+    decoder, calibration, _ = _tiny("llama")
+    with caplog.at_level("WARNING", logger="edgeattn.rewrites.gqa_calibration"):
+        report = rewrite(decoder, AttentionSpec(kv_heads=1, uptrain_steps=1), calibration)
+    assert "distilling on 1 sequence of calibration text" in caplog.text
+    assert report.spec.uptrain_window == gqa_calibration.UPTRAIN_WINDOW
 
 
 @pytest.mark.real_model

@@ -256,12 +256,31 @@ def test_prompt_that_is_not_utf8_is_one_line(folder):
     (("--kv-heads", "1", "--uptrain-minutes", "nan"), "uptrain_minutes must be a finite"),
     (("--kv-heads", "1", "--uptrain-minutes", "5", "--uptrain-steps", "3"), "not both"),
     (("--uptrain-minutes", "5"), "uptrain_minutes needs kv_heads"),
+    (("--kv-residual", "64", "--kv-cache", "int4", "--kv-quant", "per-token", "--max-length", "64"),
+     "kv_residual 64 must be below max_length 64"),
 ])
 def test_residual_and_distillation_budget_flags_are_checked_before_loading(never_loads, tmp_path, args, needle):
     one_line_exit_2(run("convert", "tiny-llama", "-o", tmp_path / "out", *args), needle)
 
 
 # -- recipes ----------------------------------------------------------------------------------
+
+def test_a_distillation_budget_flag_replaces_the_recipes_step_count(monkeypatch, tmp_path):
+    import edgeattn.convert
+
+    seen = {}
+
+    def convert(options, progress=None):
+        seen["spec"] = options.spec
+        raise edgeattn.convert.InvalidOptionError("stop here")
+
+    monkeypatch.setattr(edgeattn.convert, "convert", convert)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[spec]\nkv_heads = 1\nuptrain_steps = 240\n")
+    one_line_exit_2(run("convert", "tiny-llama", "-o", tmp_path / "out", "--recipe", recipe,
+                        "--uptrain-minutes", "5"), "stop here")
+    assert seen["spec"].uptrain_minutes == 5 and seen["spec"].uptrain_steps == 0 and seen["spec"].kv_heads == 1
+
 
 @pytest.mark.parametrize("body", [
     "[spec]\nwindow = true\n", "[spec]\nkv_heads = 1.5\n", "[spec]\nsinks = '4'\n", "[spec]\nblock_mass = 'x'\n",

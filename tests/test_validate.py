@@ -277,3 +277,15 @@ def test_smollm2_int8_kv_validates_and_golden_agrees(tmp_path):
     assert export["metrics"]["kl_mean"] < 1e-3 and export["metrics"]["top1_agreement"] >= 0.9
     assert cost["metrics"]["kv_sqnr_db"] > 20.0  # int8 per-channel: about 35 dB measured
     assert _golden_without_torch(out).returncode == 0
+
+
+def test_folders_from_before_the_recorded_distillation_window_rebuild_with_512_tokens():
+    from types import SimpleNamespace
+
+    from edgeattn.evaluation.validate import LEGACY_UPTRAIN_WINDOW, _recorded_spec
+
+    old = SimpleNamespace(spec={"kv_heads": 1, "gqa_method": "calibrated", "uptrain_steps": 240})
+    assert _recorded_spec(old).uptrain_window == LEGACY_UPTRAIN_WINDOW == 512
+    new = SimpleNamespace(spec={**old.spec, "uptrain_window": 2048})
+    assert _recorded_spec(new).uptrain_window == 2048
+    assert _recorded_spec(SimpleNamespace(spec={"kv_heads": 1})).uptrain_window is None

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from edgeattn.errors import InvalidOptionError
+from edgeattn.rewrites.gqa_calibration import FIT_TOKENS
 from edgeattn.spec import AttentionSpec
 
 DEFAULT_CALIBRATION_TOKENS = 2048
-# A calibrated head merge fits on up to 16k tokens and distils on what follows them: a whole text's worth.
-GQA_CALIBRATION_TOKENS = 1 << 18
+# A calibrated head merge fits on its first FIT_TOKENS; distillation reads a whole text's worth.
+GQA_DISTILLATION_TOKENS = 1 << 18
 WIKITEXT_ENV = "EDGEATTN_WIKITEXT_DIR"
 
 
@@ -50,8 +51,9 @@ def read_text(path: str | Path | None) -> str:
 
 def calibration_tokens(spec: AttentionSpec) -> int:
     """How many tokens of the calibration text ``spec``'s rewrite reads."""
-    calibrated_gqa = spec.kv_heads is not None and spec.gqa_method == "calibrated"
-    return GQA_CALIBRATION_TOKENS if calibrated_gqa else DEFAULT_CALIBRATION_TOKENS
+    if spec.kv_heads is None or spec.gqa_method != "calibrated":
+        return DEFAULT_CALIBRATION_TOKENS
+    return GQA_DISTILLATION_TOKENS if spec.uptrain_steps or spec.uptrain_minutes else FIT_TOKENS
 
 
 def calibration_ids(tokenizer, text_path: str | Path | None = None,

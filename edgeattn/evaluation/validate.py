@@ -26,6 +26,7 @@ calibration text (and its sha256), and the rebuilt model is checked against the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ DEFAULT_PROMPTS, DEFAULT_PREFILL, DEFAULT_STEPS, DEFAULT_GREEDY_TOKENS = 2, 32, 
 # golden.npz: small enough to ship in every folder (SmolLM2: 2 x 8 rows x 49152 logits = 3 MB).
 GOLDEN_PROMPTS, GOLDEN_PREFILL, GOLDEN_STEPS, GOLDEN_GREEDY_TOKENS = 2, 16, 7, 16
 PACKAGED = "packaged"
+LEGACY_UPTRAIN_WINDOW = 512  # distillation sequences of folders whose spec does not record them
 GOLDEN_STEP = "writing golden logits for on-device checks"
 
 
@@ -93,7 +95,7 @@ def validate(options: ValidateOptions, progress: Progress = lambda step, done=No
     started = time.perf_counter()
     manifest = read_manifest(options.folder)
     check_room(manifest, options.prefill, options.steps, options.greedy_tokens)
-    spec = AttentionSpec.from_dict(manifest.spec)
+    spec = _recorded_spec(manifest)
     calibration = _calibration_text(manifest, spec, options.calibration_text)
     lms = load_providers(options.folder, options.providers, options.threads)
     progress(f"loading {options.reference or manifest.source.model}")
@@ -249,6 +251,15 @@ def _load_reference(manifest: Manifest, reference: str | None):
         raise ValidateError(f"reference {name} is not the model this folder was converted from "
                             f"(weights sha256 {str(model.weights_sha256)[:12]}, manifest {recorded[:12]})")
     return model
+
+
+def _recorded_spec(manifest: Manifest) -> AttentionSpec:
+    """The spec convert rewrote with. Folders from before distillation sequences were recorded distilled on
+    sequences of ``LEGACY_UPTRAIN_WINDOW`` tokens."""
+    spec = AttentionSpec.from_dict(manifest.spec)
+    if spec.uptrain_steps and spec.uptrain_window is None:
+        spec = dataclasses.replace(spec, uptrain_window=LEGACY_UPTRAIN_WINDOW)
+    return spec
 
 
 def _needs_calibration(spec: AttentionSpec) -> bool:

@@ -108,7 +108,7 @@ def check_lowering_request(spec: AttentionSpec, attention_op: str, provider: str
     if attention_op == "auto":
         return
     entry = next(entry for entry in _PREFERENCE if entry.name == attention_op)
-    reason = entry.unsupported_reason(spec, provider, True)  # rotary positions only ever add a reason
+    reason = entry.unsupported_reason(spec, provider, True)  # a model without rotary positions only adds reasons
     if reason is not None:
         raise LoweringError(f"no attention lowering represents this spec exactly: {entry.name}: {reason}")
 

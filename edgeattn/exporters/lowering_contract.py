@@ -123,9 +123,12 @@ class LoweringBase(nn.Module):
 
     domain = ""
     inline_functions = False
+    keeps_residual = False  # represents a codec's full-precision residual window
 
     def __init__(self, attn) -> None:
         super().__init__()
+        if attn.codec.residual and not self.keeps_residual:
+            raise ValueError(f"{type(self).__name__} has no residual window; the onnx full-cache lowering has")
         self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
 
     def functions(self) -> list[onnx.FunctionProto]:

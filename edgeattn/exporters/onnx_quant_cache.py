@@ -34,12 +34,14 @@ _CODEC_DOMAIN = edgeattn_functions.DOMAIN
 
 
 class QuantCacheLowering(LoweringBase):
-    """Emits RotaryEmbedding x2, EncodeKV, TensorScatter x2, Slice x2, DecodeKV (inlined) and Attention."""
+    """Emits RotaryEmbedding x2, EncodeKV, TensorScatter x2, Slice x2, DecodeKV (inlined) and Attention; with a
+    residual window also Concat x4 and Slice x2 (the shift registers) and the step's boolean mask."""
 
     name = NAME
     op_type = "Attention"
     opset = OPSET
     inline_functions = True
+    keeps_residual = True
 
     def __init__(self, attn: EdgeAttention, spec: AttentionSpec, max_length: int) -> None:
         super().__init__(attn)

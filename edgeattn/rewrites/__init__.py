@@ -10,7 +10,6 @@ The order (``ORDER``) matters and is tested:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -63,10 +62,12 @@ def rewrite(model, spec: AttentionSpec, calibration: torch.Tensor | None = None)
     becomes the steps that fit on this machine: the report's ``spec`` records them, so the rewrite can be
     rebuilt exactly (``validate``).
     """
-    if spec.uptrain_minutes is not None and calibration is not None:
-        progress.report("rewriting attention: timing a distillation step")
-        steps = gqa_calibration.uptrain_steps_for_budget(model, calibration, spec.uptrain_minutes)
-        spec = dataclasses.replace(spec, uptrain_steps=steps, uptrain_minutes=None)
+    if gqa.applies(spec):
+        gqa.check_kv_heads(model, spec)
+    if calibration is not None:
+        if spec.uptrain_minutes is not None:
+            progress.report("rewriting attention: timing a distillation step")
+        spec = gqa_calibration.resolve_uptrain(model, spec, calibration)
     report = RewriteReport(spec)
     for name, applies, apply in ORDER:
         if applies(spec):

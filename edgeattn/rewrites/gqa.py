@@ -24,13 +24,18 @@ def applies(spec: AttentionSpec) -> bool:
     return spec.kv_heads is not None
 
 
+def check_kv_heads(model, spec: AttentionSpec) -> None:
+    """Refuse a head count that does not divide every layer's kv heads (before any fit or distillation)."""
+    for attn in model.attentions():
+        if attn.num_kv_heads % spec.kv_heads:
+            raise RewriteError(
+                f"kv_heads={spec.kv_heads} must divide the model's {attn.num_kv_heads} kv heads "
+                f"(and so its {attn.num_heads} query heads)")
+
+
 def merge_kv_heads(model, spec: AttentionSpec, calibration: torch.Tensor | None = None) -> list[LayerChange]:
     target = spec.kv_heads
-    for attn in model.attentions():
-        if attn.num_kv_heads % target:
-            raise RewriteError(
-                f"kv_heads={target} must divide the model's {attn.num_kv_heads} kv heads "
-                f"(and so its {attn.num_heads} query heads)")
+    check_kv_heads(model, spec)
     if spec.gqa_method == "calibrated":
         return calibrated_merge(model, spec, calibration)
 

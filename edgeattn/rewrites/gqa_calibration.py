@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -79,6 +81,9 @@ OUTPUT_REFIT_RIDGE = 0.1  # relative ridge of the W_o refit, towards the closed-
 UPTRAIN_LR = 5e-4
 UPTRAIN_WINDOW = 2048
 UPTRAIN_BF16 = True  # autocast the forward passes to bf16
+FEW_SEQUENCES = 8  # distilling on fewer calibration sequences than this is warned about (they repeat)
+_clock = time.perf_counter  # what a budget in minutes is timed with
+_log = logging.getLogger(__name__)
 
 # Progress lines; the fit's is the step edgeattn.rewrites.rewrite announces, now with a layer count.
 FIT_STEP = "rewriting attention: merging KV heads"
@@ -93,34 +98,46 @@ def calibrated_merge(model, spec: AttentionSpec, calibration: torch.Tensor | Non
     """
     if calibration is None:
         raise RewriteError("gqa_method='calibrated' needs calibration token ids (see edgeattn.evaluation.calibration)")
-    if spec.uptrain_minutes is not None:
-        raise RewriteError("uptrain_minutes is a budget: resolve it into steps first (uptrain_steps_for_budget)")
+    if spec.uptrain_minutes is not None or (spec.uptrain_steps and spec.uptrain_window is None):
+        raise RewriteError("resolve the distillation budget and sequence length first (resolve_uptrain)")
     teacher = copy.deepcopy(model).eval() if spec.uptrain_steps else None
     changes = _merge_during_forward(model, _windows(calibration[:, :FIT_TOKENS], CALIBRATION_WINDOW), spec.kv_heads)
     if teacher is not None:
-        _distil(model, teacher, calibration, spec.uptrain_steps)
-        window = _uptrain_windows(model, calibration)[0].numel()
+        windows = _uptrain_windows(model, calibration, spec.uptrain_window)
+        _distil(model, teacher, windows, spec.uptrain_steps)
         changes = [LayerChange(c.rewrite, c.layer, f"{c.change}, distilled {spec.uptrain_steps} steps of "
-                               f"{window} tokens") for c in changes]
+                               f"{windows[0].numel()} tokens") for c in changes]
     return changes
 
 
-def uptrain_steps_for_budget(model, calibration: torch.Tensor, minutes: float) -> int:
-    """Distillation steps that fit in ``minutes`` on this machine (at least 1): one step of ``model`` against
-    itself is timed (after a short warm-up pass), so the schedule, and a rebuild from the recorded steps,
-    do not depend on the clock. The model is left as it was (its gradients cleared)."""
-    windows = _uptrain_windows(model, calibration)
+def resolve_uptrain(model, spec: AttentionSpec, calibration: torch.Tensor) -> AttentionSpec:
+    """``spec`` with its distillation made explicit, so that a rebuild from it is exact: the sequence length
+    (``UPTRAIN_WINDOW`` unless given) and, for a budget in minutes, the steps that fit on this machine.
+
+    One step of ``model`` against itself is timed after a short warm-up pass (the fit that precedes
+    distillation is not counted); the schedule and a rebuild then depend on the step count, not on the clock.
+    The model is left as it was (its gradients cleared).
+    """
+    if not (spec.uptrain_steps or spec.uptrain_minutes):
+        return spec
+    window = spec.uptrain_window or UPTRAIN_WINDOW
+    windows = _uptrain_windows(model, calibration, window)
+    if len(windows) < FEW_SEQUENCES:
+        _log.warning("distilling on %d sequence%s of calibration text (%d tokens): every step repeats them; "
+                     "pass a longer --calibration-text", len(windows), "s" * (len(windows) > 1), calibration.numel())
+    if spec.uptrain_minutes is None:
+        return dataclasses.replace(spec, uptrain_window=window)
     with _attention_trainable(model):
         _distil_pass(model, model, windows[0][None, :16])  # warm-up: kernels, allocator
-        started = time.perf_counter()
+        started = _clock()
         _distil_pass(model, model, windows[0][None])
-        seconds = time.perf_counter() - started
-    return max(1, int(minutes * 60 / seconds))
+        seconds = _clock() - started
+    steps = max(1, int(spec.uptrain_minutes * 60 / seconds))
+    return dataclasses.replace(spec, uptrain_steps=steps, uptrain_minutes=None, uptrain_window=window)
 
 
-def _uptrain_windows(model, calibration: torch.Tensor) -> list[torch.Tensor]:
+def _uptrain_windows(model, calibration: torch.Tensor, window: int) -> list[torch.Tensor]:
     """The calibration ids cut into distillation sequences (within the model's learned positions)."""
-    window = UPTRAIN_WINDOW
     if model.pos_embed is not None:
         window = min(window, model.config.max_position_embeddings)
     return [w for w in calibration.reshape(-1).split(window) if w.numel() > 1]
@@ -352,15 +369,13 @@ def _set_augmented(proj, weight: torch.Tensor) -> None:
         proj.bias.copy_(b)
 
 
-def _distil(student, teacher, calibration: torch.Tensor, steps: int) -> None:
-    """Distil ``student`` towards ``teacher``'s next-token distributions on the calibration ids.
+def _distil(student, teacher, windows: list[torch.Tensor], steps: int) -> None:
+    """Distil ``student`` towards ``teacher``'s next-token distributions on the calibration sequences.
 
     Loss KL(teacher || student) per token; AdamW with a cosine-decayed learning rate on the
-    attention projections only (all else frozen); one sequence of ``UPTRAIN_WINDOW`` tokens
-    per step, cycling through the ids; bf16 autocast (about 2x faster on CPUs with bf16
-    instructions), parameters and optimizer state stay float32.
+    attention projections only (all else frozen); one sequence per step, cycling through them; bf16
+    autocast (about 2x faster on CPUs with bf16 instructions), parameters and optimizer state stay float32.
     """
-    windows = _uptrain_windows(student, calibration)
     with _attention_trainable(student) as trainable:
         optimizer = torch.optim.AdamW(trainable, lr=UPTRAIN_LR, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(

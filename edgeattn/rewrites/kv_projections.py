@@ -15,7 +15,7 @@ def set_kv_projections(attn, kv_heads: int, k_weight, k_bias, v_weight, v_bias) 
     attn.k_proj = linear(k_weight, k_bias)
     attn.v_proj = linear(v_weight, v_bias)
     attn.num_kv_heads = kv_heads
-    attn.codec = KVCodec(attn.codec.dtype, attn.codec.mode, kv_heads, attn.head_dim)
+    attn.codec = KVCodec(attn.codec.dtype, attn.codec.mode, kv_heads, attn.head_dim, residual=attn.codec.residual)
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
