@@ -76,8 +76,8 @@ GRAM_RIDGE = 1e-6  # relative ridge on the value/key weighting Grams, so R_h sta
 OUTPUT_REFIT_RIDGE = 0.1  # relative ridge of the W_o refit, towards the closed-form W_o
 
 # Distillation (uptrain_steps > 0): one sequence of UPTRAIN_WINDOW tokens per step (shorter where learned
-# positions end), ~11 s per step on 2 CPU cores (bf16 autocast). On 512-token sequences the gap to the
-# original grew with the context (+33% at 512, +56% at 2048 after 240 steps): distil at the context served.
+# positions end), ~7.4 s per step on 2 CPU cores (bf16 autocast, fused attention). On SmolLM2 it plateaus
+# (docs/quality.md): +55% / +54% at 2048 after 10 / 30 minutes, as 512-token sequences reached before.
 UPTRAIN_LR = 5e-4
 UPTRAIN_WINDOW = 2048
 UPTRAIN_BF16 = True  # autocast the forward passes to bf16
