@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from edgeattn.runtimes.manifest import KVCacheInfo, Manifest, ManifestError
+from edgeattn.runtimes.manifest import Manifest, ManifestError
 
 GRAPH_INPUTS = ("input_ids", "attention_mask")
 GRAPH_LOGITS = "logits"
@@ -39,7 +39,7 @@ def check_graph(folder: Path, manifest: Manifest, session: ort.InferenceSession)
                                 f"({len(expected)} {role} cache tensors named like {expected[0]!r}) but the graph "
                                 f"has {len(cache)}; the manifest does not belong to this model")
         for layer in range(layers):
-            for kind, (dtype, shape_tail) in _buffers(kv).items():
+            for kind, (dtype, shape_tail) in kv.buffers.items():
                 _check_cache_tensor(folder, dtype, shape_tail, graph_names[pattern.format(layer=layer, kind=kind)])
     vocabulary = outputs[GRAPH_LOGITS].shape[-1] if outputs[GRAPH_LOGITS].shape else None
     if isinstance(vocabulary, int) and vocabulary != manifest.model.vocab_size:
@@ -60,14 +60,6 @@ def load_tokenizer(folder: Path, manifest: Manifest) -> Tokenizer:
         raise ManifestError(f"{folder}: tokenizer {name} has {size} tokens but the model only {vocabulary}; "
                             "it belongs to another model")
     return tokenizer
-
-
-def _buffers(kv: KVCacheInfo) -> dict[str, tuple[str, list]]:
-    """Each layer's buffers by kind: (dtype, shape_tail)."""
-    buffers = {"key": (kv.dtype, kv.shape_tail), "value": (kv.dtype, kv.shape_tail)}
-    for buffer in kv.extra_buffers or ():
-        buffers[buffer["kind"]] = (buffer["dtype"], buffer["shape_tail"])
-    return buffers
 
 
 def _check_cache_tensor(folder: Path, dtype: str, shape_tail: list, arg) -> None:

@@ -220,9 +220,17 @@ class KVCacheInfo(ManifestPart):
     """``per-channel`` or ``per-token`` scales of an int8/int4 codec."""
 
     @property
+    def buffers(self) -> dict[str, tuple[str, list]]:
+        """Each layer's buffers by the ``{kind}`` of their names, in graph order (key, value, then the extra
+        buffers): kind -> (dtype, shape_tail)."""
+        buffers = {"key": (self.dtype, self.shape_tail), "value": (self.dtype, self.shape_tail)}
+        for buffer in self.extra_buffers or ():
+            buffers[buffer["kind"]] = (buffer["dtype"], buffer["shape_tail"])
+        return buffers
+
+    @property
     def kinds(self) -> tuple[str, ...]:
-        """Each layer's buffers by the ``{kind}`` of their names: key, value, then the extra buffers."""
-        return ("key", "value", *(buffer["kind"] for buffer in self.extra_buffers or ()))
+        return tuple(self.buffers)
 
     @property
     def cache_tokens(self) -> int:

@@ -83,11 +83,9 @@ class EdgeLM:
         """Empty the KV cache (and size it for ``batch`` sequences)."""
         if batch != self._batch:
             device = "cuda" if self.provider == "cuda" else "cpu"
-            buffers = {"key": (self.kv.dtype, self.kv.shape_tail), "value": (self.kv.dtype, self.kv.shape_tail)}
-            buffers.update({extra["kind"]: (extra["dtype"], extra["shape_tail"]) for extra in self.kv.extra_buffers or ()})
             self._caches = [
                 {kind: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, *shape_tail), np.dtype(dtype)), device, 0)
-                 for kind, (dtype, shape_tail) in buffers.items()}
+                 for kind, (dtype, shape_tail) in self.kv.buffers.items()}
                 for _ in range(self.manifest.model.num_layers)
             ]
             self._batch = batch
