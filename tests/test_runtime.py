@@ -90,6 +90,26 @@ def test_prompt_longer_than_capacity(folder):
         generate(lm, "x" * 80, max_new_tokens=2)
 
 
+def test_long_input_runs_in_chunks_with_the_logits_of_token_by_token_decode(folder, monkeypatch):
+    from edgeattn.runtimes import ContextFullError, session
+
+    lm = EdgeLM.load(folder)
+    ids = np.random.default_rng(3).integers(0, lm.manifest.model.vocab_size, size=(2, 40))
+    lm.reset(2)
+    for position in range(ids.shape[1]):  # the reference: one session run per token
+        expected = lm.forward(ids[:, position:position + 1])
+    runs = []
+    original = EdgeLM._run
+    monkeypatch.setattr(session, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(EdgeLM, "_run", lambda self, chunk: runs.append(chunk.shape[1]) or original(self, chunk))
+    lm.reset(2)
+    np.testing.assert_allclose(lm.forward(ids), expected, rtol=0, atol=1e-4)
+    assert runs == [16, 16, 8] and lm.length == 40
+    with pytest.raises(ContextFullError):
+        lm.forward(ids)  # 80 > 64: refused before any chunk runs
+    assert runs == [16, 16, 8] and lm.length == 40
+
+
 def test_greedy_generation_is_deterministic_and_sampling_is_seeded(folder):
     lm = EdgeLM.load(folder)
     assert generate(lm, "hello", 8).tokens == generate(lm, "hello", 8).tokens

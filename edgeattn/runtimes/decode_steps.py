@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 
-from edgeattn.runtimes.session import EdgeLM
+from edgeattn.runtimes.session import PREFILL_CHUNK, EdgeLM
 
-FILL_CHUNK = 512  # tokens per prefill call when filling the cache to a context
+FILL_CHUNK = PREFILL_CHUNK  # tokens per prefill call when filling the cache to a context
 
 
 def fill_cache(lm: EdgeLM, tokens: int, vocab: int, rng: np.random.Generator) -> int:

@@ -21,6 +21,10 @@ from edgeattn.runtimes.folder_checks import check_graph, load_tokenizer
 from edgeattn.runtimes.manifest import Manifest, read_manifest, verify_files
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# Tokens per session run when a prompt is longer: attention's [heads, chunk, context] scores stay small
+# (peak memory), and on a 2-core x86 host 256-token chunks prefill 512 and 2048 tokens 5-8% faster than
+# 512-token or whole-prompt runs (docs/benchmarks.md).
+PREFILL_CHUNK = 256
 _log = logging.getLogger(__name__)
 
 
@@ -92,13 +96,21 @@ class EdgeLM:
         self.length = 0  # rows left from an earlier sequence are never read: the graph masks them by position
 
     def forward(self, input_ids: np.ndarray) -> np.ndarray:
-        """Append ``input_ids`` [batch, n] to the cache; return next-token logits [batch, vocab]."""
+        """Append ``input_ids`` [batch, n] to the cache; return next-token logits [batch, vocab].
+
+        A long input runs in chunks of ``PREFILL_CHUNK`` tokens (same logits, less memory)."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise InvalidOptionError(f"input_ids must be [batch, n>0], got shape {input_ids.shape}")
         if input_ids.shape[0] != self._batch:
             self.reset(input_ids.shape[0])
         self._check_room(input_ids.shape[1])
+        for start in range(0, input_ids.shape[1], PREFILL_CHUNK):
+            logits = self._run(input_ids[:, start:start + PREFILL_CHUNK])
+        return logits
+
+    def _run(self, input_ids: np.ndarray) -> np.ndarray:
+        """One session run on ``input_ids`` (room already checked)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         total = self.length + input_ids.shape[1]
