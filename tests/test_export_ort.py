@@ -177,6 +177,16 @@ def test_weight_precisions(case, weights):
     # the export is checked before quantization, to float rounding; the weights apart, by validate's bounds
     assert numerics["export"]["max_abs_logit_error"] <= 1e-3
     assert numerics["weights"]["passed"] and numerics["weights"]["top1_agreement"] >= 0.4
+    assert numerics["export"]["decode_steps"] == numerics["weights"]["decode_steps"] == 32
+
+
+@pytest.mark.parametrize(("max_length", "prompt_tokens", "decode_steps"), [(4, 1, 2), (40, 19, 20)])
+def test_the_numerics_check_fits_its_steps_in_a_short_cache(tmp_path, max_length, prompt_tokens, decode_steps):
+    """Half the cache at most goes to decode steps; the prompt takes what is left, less one row."""
+    manifest = convert(ConvertOptions("tiny-llama", tmp_path / "out", max_length=max_length))
+    export = manifest.numerics["export"]
+    assert (export["prompt_tokens"], export["decode_steps"]) == (prompt_tokens, decode_steps)
+    assert export["passed"] and export["prompt_tokens"] + export["decode_steps"] < max_length
 
 
 @pytest.mark.parametrize(("weights", "code_bytes"), [("int4", 256 * 64 // 2), ("int8", 256 * 64)])

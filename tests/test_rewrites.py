@@ -12,6 +12,7 @@ from edgeattn.models import load
 from edgeattn.models.kvcache import KVCacheFullError
 from edgeattn.rewrites import ORDER, RewriteError, rewrite
 from edgeattn.rewrites._swap import for_each_attention
+from edgeattn.rewrites.kv_quant import KV_CALIBRATION_TOKENS, _record_stored_kv
 from edgeattn.spec import AttentionSpec
 from tests.conftest import TINY_FAMILIES
 
@@ -123,6 +124,16 @@ def test_kv_quantization_logit_sqnr(name):
     with torch.no_grad():
         sqnr = _sqnr_db(reference(ids), decoder(ids))
     assert sqnr > KV_SQNR_BOUNDS_DB[name], f"{name}: SQNR {sqnr:.1f} dB"
+
+
+def test_per_channel_scales_are_fitted_on_the_first_calibration_tokens_only():
+    """A calibrated head merge hands over 16384 tokens; the scales read the first 2048 of them."""
+    decoder, _ = _tiny("llama")
+    long_text = torch.randint(0, 256, (1, KV_CALIBRATION_TOKENS + 500))
+    recorded = _record_stored_kv(decoder, long_text)
+    assert [keys.shape[0] for keys, _ in recorded] == [KV_CALIBRATION_TOKENS] * len(recorded)
+    short = _record_stored_kv(decoder, long_text[:, :KV_CALIBRATION_TOKENS])
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(recorded, short))
 
 
 def test_kv_bytes_per_token_are_exact():

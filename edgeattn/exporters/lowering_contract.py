@@ -43,16 +43,17 @@ class CacheLayout:
     of ``dtype``, bound to the same memory as the present of the same name."""
 
     kv_heads: int
-    capacity: int  # rows: tokens of a full cache, slots of a ring, plus any summary rows
+    capacity: int  # rows: tokens of a full cache (whole blocks for hierarchical attention), slots of a ring
     row_width: int  # elements of ``dtype`` per row per kv head: the head dim, packed int4 codes, codes + scales
     dtype: CacheDtype
     ring: bool  # tokens wrap around a constant-memory ring instead of filling a max-length cache
     max_positions: int | None  # positions the graph can number; None: a ring renumbers them, no limit
-    # Hierarchical attention keeps block summaries after the token rows (all three or none):
+    # Hierarchical attention (all three or none; its block summaries are two extra buffers):
     tokens: int | None = None  # the rows that hold tokens
     keys_read: int | None = None  # the most cached keys a decode step attends to
     summary_rows: int | None = None  # block summaries a decode step scores
-    extra: tuple[ExtraBuffer, ...] = ()  # buffers after key and value, in this order (a residual window's)
+    extra: tuple[ExtraBuffer, ...] = ()  # buffers after key and value, in this order (a residual window's,
+    # hierarchical attention's block summaries)
 
     @property
     def shape_tail(self) -> tuple[int, int, int]:

@@ -7,13 +7,9 @@ P cached tokens before this step, T = P + L.
 The model (``HierarchicalVisibility``) scores every complete block for each query head with an upper bound
 of q.k from the block keys' per-channel min/max, keeps the best K (or the fewest reaching ``block_mass``),
 and attends to them, the sinks and the local window. Recomputing the min/max of every block each step
-costs what full attention costs, so the summaries live in the cache: rows C..C+NB-1 of the key buffer hold
-each block's per-channel maximum, the same rows of the value buffer its minimum, updated only for the
-block being written. Buffer of C + NB rows per past/present::
-
-    rows    0..C-1                       C..C+NB-1
-    keys    keys, rotated at position    block maxima (rotated)
-    values  values                       block minima
+costs what full attention costs, so the summaries live in the cache, in two buffers of their own beside the
+keys and values (``block_max``, ``block_min``: [B, Hkv, NB, D], bound like them), updated only for the
+blocks being written. A step scores them where they lie: no copy of the summaries per step.
 
 A decode step (``onnx_hierarchical_function``'s ``then`` branch) then costs O(NB*D) to score the blocks and
 O(S + W + K*bs) to attend: a fixed token budget, whatever the context. Each query head's rows (sinks,
@@ -32,12 +28,13 @@ import onnx
 import torch
 
 from edgeattn.exporters import onnx_hierarchical_function, onnx_ring_function, rope_angles
-from edgeattn.exporters.lowering_contract import CacheLayout, LoweringBase
+from edgeattn.exporters.lowering_contract import CacheLayout, ExtraBuffer, LoweringBase
 from edgeattn.exporters.onnx_ring import MASKED, register_packed_qkv, register_rotary
 from edgeattn.models.attention import EdgeAttention
 from edgeattn.spec import AttentionSpec
 
 NAME = "onnx"
+SUMMARIES = ("block_max", "block_min")  # the extra buffers' kinds: each block's per-channel key max and min
 
 
 @dataclass(frozen=True)
@@ -79,16 +76,18 @@ class HierarchicalAttentionLowering(LoweringBase):
         self.rows = self.blocks * self.block_size
         # Rows past T are masked, so a window longer than the cache reads the whole cache.
         self.window = min(visibility.local_window, self.rows)
-        self.slots = self.rows + self.blocks
         register_rotary(self, attn)
         register_packed_qkv(self, attn)
 
     def cache_layout(self) -> CacheLayout:
-        """How the runtime allocates past_key/past_value for this layer: ``capacity`` rows, of which the first
-        ``tokens`` hold tokens; a decode step reads at most ``keys_read`` of them and ``summary_rows`` summaries."""
-        return CacheLayout(self.kv_heads, self.slots, self.head_dim, "float32", ring=False,
+        """How the runtime allocates this layer's buffers: key and value of ``capacity`` rows (whole blocks), of
+        which the first ``tokens`` hold tokens, and the two summary buffers; a decode step reads at most
+        ``keys_read`` token rows and ``summary_rows`` summaries."""
+        summaries = tuple(ExtraBuffer(kind, (self.kv_heads, self.blocks, self.head_dim), "float32")
+                          for kind in SUMMARIES)
+        return CacheLayout(self.kv_heads, self.rows, self.head_dim, "float32", ring=False,
                            max_positions=self.max_length, tokens=self.max_length, keys_read=self.keys_read(),
-                           summary_rows=self.blocks)
+                           summary_rows=self.blocks, extra=summaries)
 
     def keys_read(self) -> int:
         """Keys one decode step attends to, at most, whatever the context: sinks, window and selected blocks."""
@@ -116,12 +115,14 @@ class HierarchicalAttentionLowering(LoweringBase):
                                 window_start.reshape(1), torch.where(local, 0.0, MASKED).reshape(1, 1, 1, -1), q_pos)
 
     def attend(self, attn: EdgeAttention, h: torch.Tensor, attention_mask: torch.Tensor,
-               past_key: torch.Tensor, past_value: torch.Tensor, step: HierarchicalStep):
+               past_key: torch.Tensor, past_value: torch.Tensor, step: HierarchicalStep,
+               past_max: torch.Tensor, past_min: torch.Tensor):
         batch, length, _ = h.shape
         qkv = h @ self.qkv_weight_T + (self.qkv_bias if self.qkv_bias is not None else 0)  # one MatMul
-        output, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
-            f"{onnx_ring_function.DOMAIN}::HierarchicalRows", (qkv, past_key, past_value, *step.function_inputs()), {},
-            dtypes=(qkv.dtype, past_key.dtype, past_value.dtype),
-            shapes=((batch, length, self.num_heads * self.head_dim), past_key.shape, past_value.shape),
+        buffers = (past_key, past_value, past_max, past_min)
+        output, *presents = torch.onnx.ops.symbolic_multi_out(
+            f"{onnx_ring_function.DOMAIN}::HierarchicalRows", (qkv, *buffers, *step.function_inputs()), {},
+            dtypes=(qkv.dtype, *(buffer.dtype for buffer in buffers)),
+            shapes=((batch, length, self.num_heads * self.head_dim), *(buffer.shape for buffer in buffers)),
             version=onnx_ring_function.VERSION)
-        return attn.o_proj(output), present_key, present_value
+        return attn.o_proj(output), *presents

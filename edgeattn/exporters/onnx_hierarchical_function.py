@@ -37,8 +37,7 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
     HAS_SINKS = sinks > 0  # noqa: N806
     SINK_ROWS = list(range(sinks))  # noqa: N806
     BLOCK = block_size  # noqa: N806
-    ROWS = blocks * block_size  # noqa: N806 - C: first summary row
-    SUMMARY_END = ROWS + blocks  # noqa: N806
+    BLOCKS = blocks  # noqa: N806
     TOP = min(top_blocks, blocks)  # noqa: N806
     MASS = block_mass is not None  # noqa: N806
     BLOCK_MASS = block_mass if block_mass is not None else 1.0  # noqa: N806
@@ -76,10 +75,10 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
         return chosen, keep
 
     @onnxscript.script(INLINED, default_opset=op)
-    def HierarchicalRows(qkv, past_key, past_value, fast, cos, sin, rows, block_mask, window_start, local_mask,
-                         q_pos):
-        """qkv [B, L, (H + 2*Hkv)*D] (the packed projections); past [B, Hkv, C+NB, D] (rows C.. of the key buffer
-        hold each block's per-channel maximum, of the value buffer its minimum); fast bool [] (L = 1); cos/sin
+    def HierarchicalRows(qkv, past_key, past_value, past_max, past_min, fast, cos, sin, rows, block_mask,
+                         window_start, local_mask, q_pos):
+        """qkv [B, L, (H + 2*Hkv)*D] (the packed projections); past_key/value [B, Hkv, C, D]; past_max/min
+        [B, Hkv, NB, D]: each block's per-channel key maximum and minimum; fast bool [] (L = 1); cos/sin
         [L, D/2] and rows [B, L]: the new tokens' rotation; q_pos [L]. Decode inputs: block_mask [1, 1, 1, NB]
         (0 for complete blocks, else masked), window_start [1] (first of the W window rows read), local_mask
         [1, 1, 1, S+W]. Returns [B, L, H*D] and the presents."""
@@ -88,8 +87,6 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
         one = op.Constant(value_int=1)
         block = op.Constant(value_int=BLOCK)
         zero_f = op.Constant(value_float=0.0)
-        summary_start = op.Constant(value_ints=[ROWS])
-        summary_end = op.Constant(value_ints=[SUMMARY_END])
         batch_length = op.Shape(qkv, start=0, end=2)
         all_heads = op.Reshape(qkv, op.Concat(batch_length, op.Constant(value_ints=[ALL_HEADS, HEAD_DIM]), axis=0))
         q, k, v = op.Split(op.Transpose(all_heads, perm=[0, 2, 1, 3]), op.Constant(value_ints=SPLIT), axis=1)
@@ -97,7 +94,7 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
             q = op.RotaryEmbedding(q, cos, sin, rows)
             k = op.RotaryEmbedding(k, cos, sin, rows)
         # One write per buffer, outside the If (whose outputs onnxruntime would copy, the whole buffer): the new
-        # rows and the summaries of the blocks they touch, from those blocks' earlier rows and the new ones.
+        # rows, and the summaries of the blocks they touch from those blocks' earlier rows and the new ones.
         first = op.Gather(q_pos, zero)
         end = op.Gather(q_pos, op.Constant(value_int=-1)) + one
         first_block = op.Div(first, block)
@@ -112,13 +109,13 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
                                  reduce_rows, keepdims=0)  # [B, Hkv, nb, D]
         block_min = op.ReduceMin(op.Reshape(op.Pad(block_rows, padding, op.Constant(value_float=3.0e38)), per_block),
                                  reduce_rows, keepdims=0)
-        written = op.Concat(q_pos, op.Range(first_block, end_block, one) + op.Constant(value_int=ROWS), axis=0)
-        key_update = op.Concat(k, block_max, axis=2)
-        index = op.Expand(op.Reshape(written, op.Constant(value_ints=[1, 1, -1, 1])), op.Shape(key_update))
-        present_key = op.ScatterElements(past_key, index, key_update, axis=2)
-        present_value = op.ScatterElements(past_value, index, op.Concat(v, block_min, axis=2), axis=2)
-        all_max = op.Slice(present_key, summary_start, summary_end, axis)  # [B, Hkv, NB, D]
-        all_min = op.Slice(present_value, summary_start, summary_end, axis)
+        as_rows = op.Constant(value_ints=[1, 1, -1, 1])
+        index = op.Expand(op.Reshape(q_pos, as_rows), op.Shape(k))
+        present_key = op.ScatterElements(past_key, index, k, axis=2)
+        present_value = op.ScatterElements(past_value, index, v, axis=2)
+        block_index = op.Expand(op.Reshape(op.Range(first_block, end_block, one), as_rows), op.Shape(block_max))
+        all_max = op.ScatterElements(past_max, block_index, block_max, axis=2)  # [B, Hkv, NB, D]
+        all_min = op.ScatterElements(past_min, block_index, block_min, axis=2)
         if fast:
             # Level 1: each query head bounds each block's best score by its keys' per-channel min/max.
             q_grouped = op.Reshape(q, op.Constant(value_ints=[0, KV_HEADS, GROUP, HEAD_DIM]))  # [B, Hkv, R, D]
@@ -159,7 +156,7 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
                                                       op.Constant(value_ints=[-1]), axis=0))  # [B, Hkv, R, L, NB]
                 bound = op.Expand(op.ReduceMax(grouped, axis, keepdims=1), op.Shape(grouped))
             bound = op.Reshape(bound, heads_length)  # [B, H, L, NB]
-            block_id = op.Range(zero, op.Constant(value_int=SUMMARY_END - ROWS), one)
+            block_id = op.Range(zero, op.Constant(value_int=BLOCKS), one)
             query = op.Unsqueeze(q_pos, [1])  # [L, 1]
             complete = op.LessOrEqual((block_id + one) * block - one, query)  # [L, NB]
             bound = op.Where(complete, bound, op.Constant(value_float=_MASKED))
@@ -178,6 +175,6 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, sinks: int, 
             values = op.Slice(present_value, op.Constant(value_ints=[0]), op.Unsqueeze(end, [0]), axis)
             attended = op.Attention(q, keys, values, mask, scale=SCALE)  # [B, H, L, D]
         output = op.Reshape(op.Transpose(attended, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
-        return output, present_key, present_value
+        return output, present_key, present_value, all_max, all_min
 
     return [BlockBounds.to_function_proto(), ChosenBlocks.to_function_proto(), HierarchicalRows.to_function_proto()]

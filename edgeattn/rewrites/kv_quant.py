@@ -4,7 +4,10 @@ Per-channel scales are calibrated on text: the stored keys/values of every layer
 recorded (in the stored form: rotated for full caches, unrotated for ring buffers, so
 this rewrite runs after the others) and each (kv head, channel) gets the clipping
 range that minimises its squared round-trip error, searched over fractions of its
-absolute maximum. Per-token quantization needs no calibration.
+absolute maximum, on the first ``KV_CALIBRATION_TOKENS`` tokens of the text (a calibrated
+head merge reads many more; its whole text through a windowed model in one piece would
+materialise a tokens x tokens score matrix per head). Per-token quantization needs no
+calibration.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from edgeattn.spec import AttentionSpec
 
 NAME = "kv_quant"
 CLIP_FRACTIONS = torch.linspace(0.5, 1.0, 11)
+KV_CALIBRATION_TOKENS = 2048
 
 
 def applies(spec: AttentionSpec) -> bool:
@@ -58,6 +62,7 @@ def _record_stored_kv(model, calibration: torch.Tensor | None) -> list[tuple[tor
     """Per layer: stored keys and values [tokens, Hkv, D] over the calibration text."""
     if calibration is None:
         raise ValueError("per-channel KV quantization needs calibration token ids")
+    calibration = calibration[:, :KV_CALIBRATION_TOKENS]
     attentions = model.attentions()
     saved = [attn.codec for attn in attentions]
     recorders = [_Recorder(attn.num_kv_heads, attn.head_dim) for attn in attentions]

@@ -186,7 +186,7 @@ class KVCacheInfo(ManifestPart):
     NULLABLE = frozenset({"max_positions", "quant"})
 
     capacity: int
-    """Rows of the buffer: tokens, slots of a ring, or (hierarchical) tokens plus block summaries."""
+    """Rows of the buffer: tokens, slots of a ring (older hierarchical folders: tokens plus block summaries)."""
     dtype: str
     """Of the buffer: ``float32``, ``float16``, ``int8`` or ``uint8`` (packed int4 codes)."""
     shape_tail: list[int]
@@ -196,7 +196,8 @@ class KVCacheInfo(ManifestPart):
     max_positions: int | None = None
     """How many positions the graph can number; null where a ring renumbers them, so there is no limit."""
     tokens: int | None = None
-    """Rows that hold tokens, when ``capacity`` also counts other rows (hierarchical attention's summaries)."""
+    """Rows that hold tokens (hierarchical attention; ``capacity`` rounds them up to whole blocks, or in older
+    folders also counts the block summaries)."""
     keys_read: int | None = None
     """The most cached keys a decode step attends to (hierarchical: sinks + window + selected blocks)."""
     summary_rows: int | None = None
