@@ -130,8 +130,8 @@ def test_chunked_prefill_equals_token_by_token_decode(hierarchical, name):
 
 
 def test_block_summaries_are_the_max_and_min_of_each_blocks_keys(hierarchical):
-    """After a 21-token prompt and 30 decode steps (T = 51, block 5): row b of the block_max buffer holds the
-    per-channel max of block b's key rows, of the block_min buffer their min, the open block included."""
+    """After a 21-token prompt and 30 decode steps (T = 51, block 5): row b of the block_bounds buffer holds the
+    per-channel max of block b's key rows, then minus their min, the open block included."""
     family, spec = CASES["mistral-uneven-blocks"]
     folder, _, lowerings = hierarchical(family, spec)
     layer = lowerings[0]
@@ -144,8 +144,10 @@ def test_block_summaries_are_the_max_and_min_of_each_blocks_keys(hierarchical):
     assert (layer.blocks, rows) == (20, 100)  # 19.2 blocks of tokens -> 20 blocks of rows
     for cache in lm._caches:
         keys = cache["key"].numpy()[0]  # [Hkv, C, D]
-        block_max, block_min = cache["block_max"].numpy()[0], cache["block_min"].numpy()[0]  # [Hkv, NB, D]
-        assert keys.shape[1] == rows and block_max.shape[1] == block_min.shape[1] == layer.blocks
+        bounds = cache["block_bounds"].numpy()[0]  # [Hkv, NB, 2D]
+        dim = keys.shape[2]
+        block_max, block_min = bounds[..., :dim], -bounds[..., dim:]
+        assert keys.shape[1] == rows and bounds.shape[1:] == (layer.blocks, 2 * dim)
         for b in range(-(-total // block)):
             written = keys[:, b * block:min((b + 1) * block, total)]
             np.testing.assert_array_equal(block_max[:, b], written.max(axis=1))
@@ -154,17 +156,17 @@ def test_block_summaries_are_the_max_and_min_of_each_blocks_keys(hierarchical):
 
 def test_convert_records_the_budget_and_refuses_a_full_cache(tmp_path):
     """auto picks the onnx lowering; the manifest says how many keys a decode step reads and how many tokens the
-    cache holds, and the two summary buffers beside key and value; the runtime stops at that many tokens."""
+    cache holds, and the block bounds beside key and value; the runtime stops at that many tokens."""
     spec = AttentionSpec(block_size=8, top_blocks=3, sinks=2, window=16)
     manifest = convert(ConvertOptions("tiny-llama", tmp_path / "out", spec, max_length=MAX_LENGTH))
     assert manifest.lowering.chosen == "onnx"
     assert not any(op.startswith("edgeattn") for op in manifest.op_histogram)
-    assert {"TopK", "GatherND", "Attention"} <= set(manifest.op_histogram)
+    assert {"TopK", "Gather", "Attention"} <= set(manifest.op_histogram)
     kv = manifest.kv_cache
-    assert kv.keys_read == 2 + 16 + 3 * 8
+    assert kv.keys_read == (1 + 3 + 3) * 8  # whole blocks: the sinks' one, the window's 3 (unaligned), 3 chosen
     assert kv.tokens == kv.cache_tokens == kv.capacity == MAX_LENGTH  # 12 blocks of 8 rows
-    assert kv.kinds == ("key", "value", "block_max", "block_min") and kv.summary_rows == 12
-    assert kv.buffers["block_max"] == kv.buffers["block_min"] == ("float32", [2, 12, 16])
+    assert kv.kinds == ("key", "value", "block_bounds") and kv.summary_rows == 12
+    assert kv.buffers["block_bounds"] == ("float32", [2, 12, 32])
     assert kv.bytes_at_capacity == kv.bytes_per_token * (MAX_LENGTH + 12)  # a summary row costs a token row
     assert manifest.spec["block_size"] == 8 and manifest.spec["top_blocks"] == 3
     lm = EdgeLM.load(tmp_path / "out", threads=1)
