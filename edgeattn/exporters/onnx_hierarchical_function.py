@@ -128,10 +128,15 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, block_size: 
                 chosen_mask = op.Where(op.Unsqueeze(keep, _LAST), chosen_mask, masked)
             chosen_mask = op.Reshape(chosen_mask, op.Constant(value_ints=[0, KV_HEADS, CHOOSERS, -1]))
             mask = op.Concat(local_mask, chosen_mask, axis=-1)  # [B, Hkv, c, n*bs]
-            if SHARED:  # the group's query heads share the mask as they share the rows
+            if SHARED:
+                # A kv head's R query heads share its rows and mask: they attend as R queries of one head
+                # (onnxruntime wants the mask's query axis spelled out).
                 mask = op.Expand(mask, op.Constant(value_ints=[1, 1, GROUP, 1]))
-            mask = op.Reshape(mask, op.Constant(value_ints=[0, HEADS, 1, -1]))
-            attended = op.Attention(q, keys, values, mask, scale=SCALE)  # [B, H, 1, D]; GQA when shared
+                attended = op.Attention(q_grouped, keys, values, mask, scale=SCALE)  # [B, Hkv, R, D]
+            else:
+                mask = op.Reshape(mask, op.Constant(value_ints=[0, HEADS, 1, -1]))
+                attended = op.Attention(q, keys, values, mask, scale=SCALE)  # [B, H, 1, D]
+            output = op.Reshape(attended, op.Constant(value_ints=[0, 1, -1]))  # one token: heads in order
         else:
             # Every query scores every complete block (dense: a chunk pays O(L*T) anyway).
             length = op.Shape(q, start=2, end=3)
@@ -152,7 +157,7 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, block_size: 
             keys = op.Slice(present_key, op.Constant(value_ints=[0]), total, axis)  # [B, Hkv, T, D]
             values = op.Slice(present_value, op.Constant(value_ints=[0]), total, axis)
             attended = op.Attention(q, keys, values, mask, scale=SCALE)  # [B, H, L, D]
-        output = op.Reshape(op.Transpose(attended, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+            output = op.Reshape(op.Transpose(attended, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
         return output, present_key, present_value, present_bounds
 
     return [BlockBounds.to_function_proto(), ChosenBlocks.to_function_proto(), HierarchicalRows.to_function_proto()]
