@@ -48,9 +48,9 @@ class CacheLayout:
     dtype: CacheDtype
     ring: bool  # tokens wrap around a constant-memory ring instead of filling a max-length cache
     max_positions: int | None  # positions the graph can number; None: a ring renumbers them, no limit
-    # Hierarchical attention (all three or none; its block summaries are two extra buffers):
+    # Hierarchical attention (all three or none; its block bounds are an extra buffer):
     tokens: int | None = None  # the rows that hold tokens
-    keys_read: int | None = None  # the most cached keys a decode step attends to
+    keys_read: int | None = None  # the most cached rows a decode step reads (hierarchical: whole blocks)
     summary_rows: int | None = None  # block summaries a decode step scores
     extra: tuple[ExtraBuffer, ...] = ()  # buffers after key and value, in this order (a residual window's,
     # hierarchical attention's block summaries)

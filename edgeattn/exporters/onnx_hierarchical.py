@@ -13,7 +13,7 @@ so that one MatMul of [relu(q), relu(-q)] scores every block), updated only for 
 
 A decode step (``onnx_hierarchical_function``'s ``then`` branch) then costs O(NB*D) to score the blocks and
 O((S + W + K*bs) rounded up to whole blocks) to attend: a fixed token budget, whatever the context. It reads
-whole blocks, one ``GatherND`` per buffer: those holding the sinks and the window, and the K selected; with
+whole blocks, one ``Gather`` per buffer: those holding the sinks and the window, and the K selected; with
 blocks selected per kv head (``block_select`` kv-head) each kv head's blocks are read once for all its query
 heads. A chunk (a prompt) attends densely over its T keys with the selection as a mask, as the model does.
 The cache writes (new rows and the bounds of the blocks they touch) sit outside the layer's ``If``, whose
@@ -73,7 +73,7 @@ class HierarchicalStep:
 
 
 class HierarchicalAttentionLowering(LoweringBase):
-    """Block summaries in the cache, TopK, GatherND of the rows read and one ``Attention`` per layer."""
+    """Block bounds in the cache, TopK, a Gather of the blocks read and one ``Attention`` per layer."""
 
     name = NAME
     op_type = "Attention"

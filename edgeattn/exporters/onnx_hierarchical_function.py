@@ -5,7 +5,7 @@ Dimension legend: B batch, H query heads, Hkv kv heads, R = H / Hkv, L new token
 W local window, bs block size, NB blocks, C = NB * bs token rows, K blocks selected per query head (or per kv head),
 P cached tokens before this step, T = P + L.
 
-Decode reads only what it selects: the block bounds (NB rows), then whole blocks, one ``GatherND`` per
+Decode reads only what it selects: the block bounds (NB rows), then whole blocks, one ``Gather`` per
 buffer: those holding the sinks and the local window, and the K selected blocks; a mask keeps each row
 counted once (sinks, window, selected). With blocks selected per kv head (``shared``) a kv head's query
 heads share one choice, so the blocks are gathered once per kv head ([B, Hkv, N, D]) and ``Attention``
@@ -109,7 +109,7 @@ def hierarchical_function(heads: int, kv_heads: int, head_dim: int, block_size: 
             scored = op.Slice(present_bounds, op.Constant(value_ints=[0]), scored_blocks, axis)
             bound = BlockBounds(q_grouped, scored) + block_mask
             if SHARED:
-                bound = op.ReduceMax(bound, axis, keepdims=1)  # [B, Hkv, 1, NB]: a block as its best query head sees it
+                bound = op.ReduceMax(bound, axis, keepdims=1)  # [B, Hkv, 1, nb]: a block as its best query head sees it
             # Level 2: whole blocks, one Gather per buffer and chooser: the sinks', the window's, the chosen.
             if MASS:
                 chosen, keep = ChosenBlocks(bound)  # [B, Hkv, c, K]; c: R choosers, or 1 shared

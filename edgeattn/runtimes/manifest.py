@@ -199,7 +199,8 @@ class KVCacheInfo(ManifestPart):
     """Rows that hold tokens (hierarchical attention; ``capacity`` rounds them up to whole blocks, or in older
     folders also counts the block summaries)."""
     keys_read: int | None = None
-    """The most cached keys a decode step attends to (hierarchical: sinks + window + selected blocks)."""
+    """The most cached keys a decode step reads (hierarchical: the whole blocks holding the sinks, the window and
+    the selected blocks)."""
     summary_rows: int | None = None
     """Block summaries a decode step scores (hierarchical attention)."""
     growing: bool | None = None
